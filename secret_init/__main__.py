@@ -1,0 +1,3 @@
+from secret_init.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""The one-shot flow, top to bottom: user -> filesystem -> sources -> sink -> drop -> exec."""
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import NoReturn
+
+import structlog
+
+from secret_init import execute, privileges
+from secret_init.config import Config, SecretSpec
+from secret_init.errors import PermissionRefusedError
+from secret_init.model import Material
+from secret_init.privileges import AppUser
+from secret_init.sink import OutputFile, Owner, Sink, WriteResult
+from secret_init.sources.files import read_files
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class Materialized:
+    user: AppUser
+    materials: list[Material]
+    written: list[WriteResult]
+
+
+def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> NoReturn:
+    done = materialize(cfg, environ, for_app=True)
+    file_vars = {s.env: cfg.file_path(s) for s in cfg.secrets if s.env}
+    user_env = done.user.environment() if privileges.is_root() else {}
+    values = [m.value.reveal() for m in done.materials]
+    env = execute.child_environment(environ, cfg.process.scrub_env, user_env, file_vars, values)
+    privileges.drop(done.user)
+    execute.exec_app(command, env)
+
+
+def render(cfg: Config, environ: Mapping[str, str]) -> None:
+    done = materialize(cfg, environ, for_app=False)
+    changed = sum(1 for w in done.written if w.changed)
+    log.info("render done", files=len(done.written), changed=changed)
+
+
+def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool) -> Materialized:
+    """Read every secret, then write them all; nothing is written if any read fails."""
+    user = app_user(cfg, for_app)
+    owners = {s.name: file_owner(s, user) for s in cfg.secrets}
+    sink = Sink(cfg.output.dir, user.gid, cfg.output.allow_non_tmpfs)
+    sink.check_filesystem()
+    sink.prepare()
+    materials = read_all(cfg, environ)
+    files = [OutputFile(m.spec.name, m.value, m.spec.mode, owners[m.spec.name]) for m in materials]
+    return Materialized(user, materials, sink.write(files))
+
+
+def app_user(cfg: Config, for_app: bool) -> AppUser:
+    """Who the app runs as and who owns its files; refuses root unless allowed."""
+    if not privileges.is_root():
+        current = privileges.resolve(None)
+        if cfg.output.user is not None and privileges.resolve(cfg.output.user).uid != current.uid:
+            raise PermissionRefusedError(
+                f"running as uid {current.uid} without root: cannot become {cfg.output.user!r}; "
+                "unset [output] user or start secret-init as root"
+            )
+        return current
+    user = privileges.resolve(cfg.output.user)
+    if for_app and user.uid == 0 and not cfg.process.allow_root:
+        raise PermissionRefusedError(
+            "refusing to run the app as root: set [output] user, or [process] allow_root = true"
+        )
+    return user
+
+
+def file_owner(spec: SecretSpec, app: AppUser) -> Owner:
+    if spec.user is None:
+        return Owner(app.uid, app.gid)
+    user = privileges.resolve(spec.user)
+    if not privileges.is_root() and user.uid != os.geteuid():
+        raise PermissionRefusedError(f"secret {spec.name!r}: cannot give the file to {spec.user!r} without root")
+    return Owner(user.uid, user.gid)
+
+
+def read_all(cfg: Config, environ: Mapping[str, str]) -> list[Material]:
+    """Local files first (cheap, fail fast), then Vault; returned in config order."""
+    materials = read_files(cfg, [s for s in cfg.secrets if s.source.kind != "vault"])
+    vault_specs = [s for s in cfg.secrets if s.source.kind == "vault"]
+    if vault_specs:
+        materials += _read_vault(cfg, environ, vault_specs)
+    order = {s.name: i for i, s in enumerate(cfg.secrets)}
+    return sorted(materials, key=lambda m: order[m.spec.name])
+
+
+def _read_vault(cfg: Config, environ: Mapping[str, str], specs: list[SecretSpec]) -> list[Material]:
+    from secret_init.sources.vault import read_vault
+    from secret_init.vault import VaultClient
+
+    client = VaultClient(cfg.vault, environ)
+    client.login()
+    materials = read_vault(client, specs)
+    leased = sorted({m.lease.lease_id for m in materials if m.lease})
+    if leased:
+        # The leases die with the token, so it must outlive this process.
+        log.warning("leased secrets will not be renewed after exec; they expire with their TTL", leases=leased)
+    else:
+        client.revoke_own_token()
+    return materials

@@ -1,0 +1,95 @@
+"""The command line: parse arguments, run one command, map every failure to its exit code."""
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import NoReturn
+
+from secret_init import __version__
+from secret_init.errors import ExitCode, SecretInitError, UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> _Parser:
+    # Common options are accepted before and after the command name.
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="PATH",
+        help="config file (default: $SECRET_INIT_CONFIG, then /etc/secret-init/config.toml)",
+    )
+    common.add_argument(
+        "--log-format",
+        choices=("json", "console"),
+        default=argparse.SUPPRESS,
+        help="json lines, or console (the default on a terminal)",
+    )
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=argparse.SUPPRESS)
+
+    parser = _Parser(
+        prog="secret-init",
+        parents=[common],
+        description="Materialize secrets into tmpfs files, drop root, exec the app.",
+    )
+    parser.add_argument("--version", action="version", version=f"secret-init {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands.required = True
+    run = commands.add_parser("run", parents=[common], help="materialize, drop to the app user, exec CMD")
+    run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
+    commands.add_parser("render", parents=[common], help="materialize, then exit 0")
+    commands.add_parser("check", parents=[common], help="validate config, user, filesystem and Vault access")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from secret_init import logs
+
+    logs.configure(getattr(args, "log_format", None), getattr(args, "log_level", "info"))
+    import structlog
+
+    log = structlog.get_logger()
+    try:
+        return _dispatch(args)
+    except SecretInitError as e:
+        log.error(str(e), exit_code=int(e.exit_code))
+        return int(e.exit_code)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:
+        log.error("internal error", error=f"{type(e).__name__}: {e}", exc_info=True, exit_code=int(ExitCode.SOFTWARE))
+        return int(ExitCode.SOFTWARE)
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    import structlog
+
+    from secret_init import config
+
+    command = list(getattr(args, "argv", []) or [])
+    if command[:1] == ["--"]:
+        command = command[1:]
+    if args.command == "run" and not command:
+        raise UsageError("run needs a command: secret-init run [--config PATH] -- CMD [ARG...]")
+
+    path = config.config_path(getattr(args, "config", None), os.environ)
+    cfg = config.load(path, os.environ)
+    structlog.get_logger().info("config loaded", path=path, secrets=len(cfg.secrets), vault=cfg.uses_vault)
+
+    if args.command == "check":
+        from secret_init.check import check
+
+        return check(cfg, os.environ, sys.stdout)
+    from secret_init import app
+
+    if args.command == "render":
+        app.render(cfg, os.environ)
+        return 0
+    app.run(cfg, command, os.environ)

@@ -1,0 +1,71 @@
+"""The app's environment and the final exec: paths in, values and Vault settings out."""
+
+import errno
+import os
+import stat
+from collections.abc import Iterable, Mapping
+from typing import NoReturn
+
+import structlog
+
+from secret_init.config import SCRUBBED_ENV_PREFIXES
+from secret_init.errors import ExitCode, SecretInitError
+
+log = structlog.get_logger()
+
+
+def child_environment(
+    environ: Mapping[str, str],
+    scrub: Iterable[str],
+    user_env: Mapping[str, str],
+    file_vars: Mapping[str, str],
+    secret_values: Iterable[bytes],
+) -> dict[str, str]:
+    """secret-init's environment minus VAULT_*, BAO_*, SECRET_INIT_* and scrub_env, plus *_FILE paths.
+
+    A variable that holds a materialized secret's exact value is removed too: the app
+    gets the file instead.
+    """
+    exact = {s for s in scrub if not s.endswith("*")}
+    prefixes = SCRUBBED_ENV_PREFIXES + tuple(s[:-1] for s in scrub if s.endswith("*"))
+    values = {v.decode("utf-8", "surrogateescape") for v in secret_values if v}
+    env: dict[str, str] = {}
+    for name, value in environ.items():
+        if name in exact or name.startswith(prefixes):
+            continue
+        if value in values:
+            log.warning("removed a variable holding a secret value from the app's environment", variable=name)
+            continue
+        env[name] = value
+    env.update(user_env)
+    env.update(file_vars)
+    return env
+
+
+def resolve_command(command: str, path_var: str) -> str:
+    """Find `command` like execvp would, telling 'not found' (127) from 'not executable' (126)."""
+    dirs = [""] if "/" in command else [d or "." for d in path_var.split(":")]
+    candidates = [os.path.join(d, command) for d in dirs]
+    denied = None
+    for candidate in candidates:
+        try:
+            st = os.stat(candidate)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode) and os.access(candidate, os.X_OK):
+            return candidate
+        denied = candidate
+    if denied is not None:
+        raise SecretInitError(f"command {command!r}: {denied} is not executable", ExitCode.NOT_EXECUTABLE)
+    raise SecretInitError(f"command {command!r} not found (PATH={path_var})", ExitCode.NOT_FOUND)
+
+
+def exec_app(argv: list[str], env: Mapping[str, str]) -> NoReturn:
+    """Replace this process with the app. Nothing of Python runs after this."""
+    path = resolve_command(argv[0], env.get("PATH", os.defpath))
+    log.info("exec", argv0=argv[0], path=path)
+    try:
+        os.execve(path, argv, dict(env))  # noqa: S606 - exec without a shell is the point
+    except OSError as e:
+        code = ExitCode.NOT_FOUND if e.errno == errno.ENOENT else ExitCode.NOT_EXECUTABLE
+        raise SecretInitError(f"exec of {argv[0]!r} failed: {e.strerror}", code) from None

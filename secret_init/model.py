@@ -1,0 +1,50 @@
+"""The values that flow from sources to the sink. None of them prints its secret."""
+
+import hmac
+from dataclasses import dataclass, field
+
+from secret_init.config import SecretSpec
+
+
+class Hidden:
+    """Secret bytes whose str and repr never show them."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: bytes) -> None:
+        self._value = value
+
+    def reveal(self) -> bytes:
+        return self._value
+
+    def __len__(self) -> int:
+        return len(self._value)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Hidden) and hmac.compare_digest(self._value, other._value)
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __repr__(self) -> str:
+        return f"Hidden(<{len(self._value)} bytes>)"
+
+    __str__ = __repr__
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A Vault lease behind a dynamic secret; renewal and rotation work on this."""
+
+    lease_id: str
+    duration: float
+    renewable: bool
+
+
+@dataclass(frozen=True)
+class Material:
+    """One secret, read and rendered, ready for the sink."""
+
+    spec: SecretSpec
+    value: Hidden
+    lease: Lease | None = field(default=None)

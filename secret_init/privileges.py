@@ -1,0 +1,134 @@
+"""Privileges: the ONLY code that changes this process's uid, gid or groups.
+
+The drop follows gosu's order (setgroups, setgid, setuid), then proves itself: every
+real, effective and saved id is the app's, no capability is left, and setuid(0)
+fails. Then no_new_privs closes setuid binaries and file capabilities for good.
+"""
+
+import os
+import pwd
+import re
+from dataclasses import dataclass
+
+import structlog
+
+from secret_init.errors import PermissionRefusedError, SecretInitError, UnknownUserError
+
+log = structlog.get_logger()
+
+PR_SET_NO_NEW_PRIVS = 38
+PR_GET_NO_NEW_PRIVS = 39
+
+
+@dataclass(frozen=True)
+class AppUser:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]  # supplementary groups after the drop
+    name: str | None  # None for a bare uid:gid with no passwd entry
+    home: str
+
+    def environment(self) -> dict[str, str]:
+        """HOME, USER and LOGNAME as a login would set them."""
+        env = {"HOME": self.home}
+        if self.name is not None:
+            env["USER"] = env["LOGNAME"] = self.name
+        return env
+
+
+def resolve(spec: str | None) -> AppUser:
+    """A user from its name (passwd, with groups from getgrouplist), `uid:gid`, or None for ourselves."""
+    if spec is None:
+        uid, gid = os.geteuid(), os.getegid()
+        entry = _passwd_by_uid(uid)
+        return AppUser(
+            uid, gid, tuple(os.getgroups()), entry.pw_name if entry else None, entry.pw_dir if entry else "/"
+        )
+    numeric = re.fullmatch(r"(\d+):(\d+)", spec)
+    if numeric:
+        uid, gid = int(numeric.group(1)), int(numeric.group(2))
+        entry = _passwd_by_uid(uid)
+        return AppUser(uid, gid, (), entry.pw_name if entry else None, entry.pw_dir if entry else "/")
+    try:
+        entry = pwd.getpwnam(spec)
+    except KeyError:
+        raise UnknownUserError(f"user {spec!r} does not exist in the passwd database") from None
+    groups = tuple(sorted(set(os.getgrouplist(entry.pw_name, entry.pw_gid))))
+    return AppUser(entry.pw_uid, entry.pw_gid, groups, entry.pw_name, entry.pw_dir or "/")
+
+
+def _passwd_by_uid(uid: int) -> "pwd.struct_passwd | None":
+    try:
+        return pwd.getpwuid(uid)
+    except KeyError:
+        return None
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def drop(user: AppUser) -> None:
+    """Become `user` for good; without root only no_new_privs is set. Imports nothing after the drop."""
+    # Before the drop: ctypes may not be importable once we are the app (the
+    # interpreter's own files can be out of its reach).
+    set_no_new_privs()
+    if is_root():
+        try:
+            os.setgroups(list(user.groups))
+            os.setresgid(user.gid, user.gid, user.gid)
+            os.setresuid(user.uid, user.uid, user.uid)
+        except OSError as e:
+            raise PermissionRefusedError(f"cannot switch to uid {user.uid} gid {user.gid}: {e.strerror}") from None
+        verify_dropped(user)
+        log.info("privileges dropped", uid=user.uid, gid=user.gid, groups=list(user.groups))
+
+
+def verify_dropped(user: AppUser) -> None:
+    """Raise unless every id is the app's and, for a non-root app, root cannot come back."""
+    problems = []
+    if os.getresuid() != (user.uid,) * 3:
+        problems.append(f"uids are {os.getresuid()}")
+    if os.getresgid() != (user.gid,) * 3:
+        problems.append(f"gids are {os.getresgid()}")
+    if set(os.getgroups()) != set(user.groups):
+        problems.append(f"groups are {sorted(os.getgroups())}")
+    if user.uid != 0:
+        if _can_become_root():
+            problems.append("setuid(0) succeeded")
+        caps = _capabilities_left()
+        if caps:
+            problems.append(f"capabilities remain ({', '.join(caps)})")
+    if problems:
+        raise PermissionRefusedError(f"privilege drop to uid {user.uid} failed verification: {'; '.join(problems)}")
+
+
+def _can_become_root() -> bool:
+    try:
+        os.setuid(0)
+    except PermissionError:
+        return False
+    return True
+
+
+def _capabilities_left() -> list[str]:
+    try:
+        with open("/proc/self/status", "rb") as f:  # binary: no codec import after the drop
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return []
+    left = []
+    for line in lines:
+        key, _, value = line.partition(":")
+        if key in ("CapPrm", "CapEff", "CapAmb") and int(value.strip(), 16) != 0:
+            left.append(key)
+    return left
+
+
+def set_no_new_privs() -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise SecretInitError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(err)}")

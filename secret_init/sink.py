@@ -1,0 +1,217 @@
+"""The sink: the ONLY code that writes files. It checks for tmpfs and writes atomically.
+
+Every file is made as a temp file in output.dir (O_CREAT|O_EXCL|O_NOFOLLOW), given its
+owner and mode on the descriptor before a byte is written, then renamed over the old
+one. A whole set is staged before any rename, so a failure leaves the old files and no
+temp file. All paths are resolved relative to one directory descriptor: a swapped
+directory or a planted symlink is never followed.
+"""
+
+import errno
+import hmac
+import os
+import secrets
+import stat
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+
+import structlog
+
+from secret_init import fsinfo
+from secret_init.errors import PermissionRefusedError, SecretInitError, WriteError
+from secret_init.model import Hidden
+
+log = structlog.get_logger()
+
+TEMP_PREFIX = ".si-tmp-"
+DIR_MODE = 0o750
+
+
+@dataclass(frozen=True)
+class Owner:
+    uid: int
+    gid: int
+
+
+@dataclass(frozen=True)
+class OutputFile:
+    name: str
+    data: Hidden
+    mode: int
+    owner: Owner
+
+
+@dataclass(frozen=True)
+class WriteResult:
+    name: str
+    path: str
+    changed: bool
+
+
+class Sink:
+    """Writes into one output directory.
+
+    `dir_group` is the app's group: as root the directory becomes root:dir_group 0750, so
+    the app can read its files but not create, replace or delete them.
+    """
+
+    def __init__(self, directory: str, dir_group: int, allow_non_tmpfs: bool) -> None:
+        self.dir = directory.rstrip("/") or "/"
+        self.dir_group = dir_group
+        self.allow_non_tmpfs = allow_non_tmpfs
+
+    # -- the directory --------------------------------------------------------------
+
+    def check_filesystem(self) -> fsinfo.FsInfo:
+        try:
+            fs = fsinfo.inspect(self.dir)
+        except OSError as e:
+            raise WriteError(f"output dir {self.dir}: cannot inspect its filesystem: {e.strerror}") from None
+        if not fs.in_memory:
+            if not self.allow_non_tmpfs:
+                raise PermissionRefusedError(
+                    f"output dir {self.dir} is on {fs.describe()}, not tmpfs or ramfs; "
+                    "mount a tmpfs there or set [output] allow_non_tmpfs = true"
+                )
+            log.warning("output dir is not on tmpfs; secrets may reach a disk", dir=self.dir, filesystem=fs.describe())
+        return fs
+
+    def prepare(self) -> None:
+        """Create or fix the directory, then remove temp files a crashed run left."""
+        try:
+            os.mkdir(self.dir, 0o700)
+            log.info("output dir created", dir=self.dir)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise WriteError(f"output dir {self.dir} cannot be created: {e.strerror}") from None
+        with self._open_dir() as dfd:
+            self._fix_dir(dfd)
+            for entry in os.scandir(dfd):
+                if entry.name.startswith(TEMP_PREFIX):
+                    _unlink_quietly(entry.name, dfd)
+
+    def _fix_dir(self, dfd: int) -> None:
+        st = os.fstat(dfd)
+        try:
+            if os.geteuid() == 0:
+                os.fchown(dfd, 0, self.dir_group)
+                os.fchmod(dfd, DIR_MODE)
+            elif st.st_uid == os.geteuid():
+                os.fchmod(dfd, 0o700)
+            elif st.st_mode & 0o002:
+                log.warning("output dir is writable by others and not ours to fix", dir=self.dir)
+        except PermissionError as e:
+            raise PermissionRefusedError(f"output dir {self.dir}: cannot set owner or mode: {e.strerror}") from None
+
+    @contextmanager
+    def _open_dir(self) -> Iterator[int]:
+        try:
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise PermissionRefusedError(f"output dir {self.dir} is a symlink or not a directory") from None
+            raise WriteError(f"output dir {self.dir} cannot be opened: {e.strerror}") from None
+        try:
+            yield dfd
+        finally:
+            os.close(dfd)
+
+    # -- the files ------------------------------------------------------------------
+
+    def write(self, files: Sequence[OutputFile]) -> list[WriteResult]:
+        """Write every changed file, or none of them."""
+        with self._open_dir() as dfd:
+            staged: list[tuple[OutputFile, str]] = []
+            try:
+                for f in files:
+                    if not _is_current(f, dfd):
+                        staged.append((f, self._stage(f, dfd)))
+                for f, temp in staged:
+                    os.replace(temp, f.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+            except BaseException:
+                for _, temp in staged:
+                    _unlink_quietly(temp, dfd)
+                raise
+            finally:
+                _fsync_quietly(dfd)
+        changed = {f.name for f, _ in staged}
+        results = []
+        for f in files:
+            path = f"{self.dir}/{f.name}"
+            event = "file written" if f.name in changed else "file unchanged"
+            log.info(event, path=path, mode=f"{f.mode:04o}", uid=f.owner.uid, gid=f.owner.gid)
+            results.append(WriteResult(f.name, path, f.name in changed))
+        return results
+
+    def _stage(self, f: OutputFile, dfd: int) -> str:
+        temp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(temp, flags, 0o600, dir_fd=dfd)
+        except OSError as e:
+            raise self._error(f, "cannot create a temp file", e) from None
+        try:
+            # Owner and mode are final before the first byte lands.
+            os.fchown(fd, f.owner.uid, f.owner.gid)
+            os.fchmod(fd, f.mode)
+            _write_all(fd, f.data.reveal())
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            _unlink_quietly(temp, dfd)
+            raise self._error(f, "cannot be written", e) from None
+        os.close(fd)
+        return temp
+
+    def _error(self, f: OutputFile, what: str, e: OSError) -> SecretInitError:
+        path = f"{self.dir}/{f.name}"
+        if e.errno in (errno.EPERM, errno.EACCES):
+            return PermissionRefusedError(
+                f"{path}: {what}: {e.strerror} (owner {f.owner.uid}:{f.owner.gid}, running as uid {os.geteuid()})"
+            )
+        return WriteError(f"{path}: {what}: {e.strerror}")
+
+
+def _is_current(f: OutputFile, dfd: int) -> bool:
+    """True when the destination is a regular file with these bytes, owner and mode."""
+    want = f.data.reveal()
+    try:
+        fd = os.open(f.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            log.warning("replacing a symlink at the destination without following it", name=f.name)
+            return False
+        if e.errno == errno.EISDIR:
+            raise WriteError(f"{f.name}: a directory is in the way of the file") from None
+        return False
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise WriteError(f"{f.name}: a directory is in the way of the file")
+        if not stat.S_ISREG(st.st_mode) or st.st_size != len(want):
+            return False
+        if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (f.owner.uid, f.owner.gid, f.mode):
+            return False
+        return hmac.compare_digest(os.read(fd, len(want) + 1), want)
+    finally:
+        os.close(fd)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _unlink_quietly(name: str, dfd: int) -> None:
+    with suppress(OSError):
+        os.unlink(name, dir_fd=dfd)
+
+
+def _fsync_quietly(fd: int) -> None:
+    with suppress(OSError):
+        os.fsync(fd)

@@ -1,0 +1,72 @@
+"""`vault:PATH[#FIELD]` sources: one read per path, shared by every secret that names it.
+
+One read per path means one lease per path: a username file and a password file from
+`database/creds/app` always belong to the same database user.
+"""
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from secret_init.config import SecretSpec
+from secret_init.errors import MissingFieldError
+from secret_init.model import Hidden, Material
+
+if TYPE_CHECKING:
+    from secret_init.vault import VaultClient, VaultSecret
+
+log = structlog.get_logger()
+
+
+def group_by_path(specs: Sequence[SecretSpec]) -> dict[str, list[SecretSpec]]:
+    groups: dict[str, list[SecretSpec]] = {}
+    for spec in specs:
+        groups.setdefault(spec.source.path, []).append(spec)
+    return groups
+
+
+def read_vault(client: "VaultClient", specs: Sequence[SecretSpec]) -> list[Material]:
+    materials = []
+    for path, group in group_by_path(specs).items():
+        names = ", ".join(s.name for s in group)
+        secret = client.read(path, f"for {names}")
+        lease = secret.lease
+        log.info(
+            "source read",
+            source=f"vault:{path}",
+            secrets=[s.name for s in group],
+            fields=len(secret.fields),
+            lease_id=lease.lease_id if lease else None,
+            lease_duration=lease.duration if lease else None,
+        )
+        for warning in secret.warnings:
+            log.warning("vault warning", source=f"vault:{path}", warning=warning)
+        for spec in group:
+            value = render(spec, secret)
+            log.debug("secret rendered", secret=spec.name, bytes=len(value))
+            materials.append(Material(spec, Hidden(value), lease))
+    return materials
+
+
+def render(spec: SecretSpec, secret: "VaultSecret") -> bytes:
+    """The file content for one secret: a field, a template over fields, or all fields as JSON."""
+    fields = secret.fields
+    where = f"secret {spec.name!r} ({spec.source})"
+    if spec.template is not None:
+        try:
+            return spec.template.render({k: field_text(v) for k, v in fields.items()}).encode("utf-8")
+        except MissingFieldError as e:
+            raise MissingFieldError(f"{where}: {e}") from None
+    if spec.source.field is not None:
+        if spec.source.field not in fields:
+            available = ", ".join(sorted(fields)) or "none"
+            raise MissingFieldError(f"{where}: no field {spec.source.field!r} at {secret.path}; fields: {available}")
+        return field_text(fields[spec.source.field]).encode("utf-8")
+    return json.dumps(fields, sort_keys=True).encode("utf-8")
+
+
+def field_text(value: Any) -> str:
+    """Strings as they are; numbers, booleans, lists and objects as JSON."""
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)

@@ -1,0 +1,288 @@
+"""The Vault/OpenBao client: hvac, token or AppRole auth, bounded retries with tenacity.
+
+Imported only when a vault: source is configured, so a files-only start never pays
+for hvac and requests. Every token, role_id and secret_id is registered for redaction
+before it is used, and no error message built here quotes one.
+"""
+
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import hvac
+import hvac.exceptions as hvac_errors
+import requests
+import structlog
+import tenacity
+
+from secret_init.config import VaultConfig
+from secret_init.errors import (
+    ConfigError,
+    DataError,
+    PermissionRefusedError,
+    SecretInitError,
+    SourceError,
+    VaultUnavailableError,
+)
+from secret_init.model import Lease
+from secret_init.redaction import REDACTOR
+from secret_init.sources.files import read_regular_file
+
+log = structlog.get_logger()
+T = TypeVar("T")
+
+# Vault answers with these when it is sealed, a standby, overloaded or mid-failover.
+_TRANSIENT_HTTP = (
+    hvac_errors.InternalServerError,
+    hvac_errors.BadGateway,
+    hvac_errors.VaultDown,
+    hvac_errors.VaultNotInitialized,
+    hvac_errors.RateLimitExceeded,
+)
+_TRANSIENT_NETWORK = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+_STATUS_OF = {
+    hvac_errors.InvalidRequest: 400,
+    hvac_errors.Unauthorized: 401,
+    hvac_errors.Forbidden: 403,
+    hvac_errors.InvalidPath: 404,
+    hvac_errors.RateLimitExceeded: 429,
+    hvac_errors.InternalServerError: 500,
+    hvac_errors.VaultNotInitialized: 501,
+    hvac_errors.BadGateway: 502,
+    hvac_errors.VaultDown: 503,
+}
+_MAX_CREDENTIAL_FILE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class VaultSecret:
+    """One read of one path: its fields (KV v2 unwrapped) and its lease, if any."""
+
+    path: str
+    fields: Mapping[str, Any] = field(repr=False)
+    lease: Lease | None
+    warnings: tuple[str, ...] = ()
+
+
+def is_transient(exc: BaseException) -> bool:
+    return isinstance(exc, _TRANSIENT_NETWORK + _TRANSIENT_HTTP)
+
+
+def describe(exc: BaseException) -> str:
+    """A short, token-free description of a failed request."""
+    if isinstance(exc, hvac_errors.VaultError):
+        status = _STATUS_OF.get(type(exc))
+        errors = "; ".join(str(e) for e in exc.errors) if exc.errors else (exc.args[0] if exc.args else "")
+        prefix = f"HTTP {status}" if status else type(exc).__name__
+        return f"{prefix}: {errors}" if errors else prefix
+    if isinstance(exc, requests.exceptions.Timeout):
+        return "request timed out"
+    errno_text = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
+    if errno_text:
+        return errno_text.group(1).strip()
+    return type(exc).__name__
+
+
+class VaultClient:
+    def __init__(
+        self,
+        cfg: VaultConfig,
+        environ: Mapping[str, str],
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        if cfg.addr is None:
+            raise ConfigError("vault: no address; set [vault] addr, VAULT_ADDR or BAO_ADDR")
+        self.cfg = cfg
+        self.addr = cfg.addr
+        self._environ = environ
+        self._clock = clock
+        self._sleep = sleep
+        self._deadline = clock() + cfg.startup_timeout
+        self.owns_token = False  # True when this process logged in and so may revoke
+        verify: bool | str = cfg.ca_cert or True
+        self.client = hvac.Client(url=cfg.addr, verify=verify, timeout=cfg.request_timeout, namespace=cfg.namespace)
+        if cfg.addr.startswith("http://") and not _is_loopback(cfg.addr):
+            log.warning("vault address is plain http; tokens and secrets cross the network unencrypted", addr=cfg.addr)
+
+    # -- authentication ---------------------------------------------------------
+
+    def login(self) -> None:
+        if self.cfg.auth == "approle":
+            self._login_approle()
+        else:
+            self.client.token = self._static_token()
+            log.info("vault token loaded", addr=self.addr, auth="token")
+
+    def _static_token(self) -> str:
+        if self.cfg.token_file:
+            token = self._credential_file(self.cfg.token_file, "token_file")
+        else:
+            token = self._environ.get("VAULT_TOKEN") or self._environ.get("BAO_TOKEN") or ""
+            REDACTOR.add(token)
+        if not token:
+            raise ConfigError('vault: auth = "token" needs [vault] token_file, VAULT_TOKEN or BAO_TOKEN')
+        return token
+
+    def _login_approle(self) -> None:
+        assert self.cfg.role_id_file is not None  # enforced by config
+        role_id = self._credential_file(self.cfg.role_id_file, "role_id_file")
+        secret_id = (
+            self._credential_file(self.cfg.secret_id_file, "secret_id_file") if self.cfg.secret_id_file else None
+        )
+        mount = self.cfg.approle_mount
+
+        def login() -> Any:
+            return self.client.auth.approle.login(
+                role_id=role_id, secret_id=secret_id, mount_point=mount, use_token=False
+            )
+
+        response = self._call(f"AppRole login at auth/{mount}", login, denied_means_auth=True)
+        auth = response.get("auth") or {}
+        token = auth.get("client_token")
+        if not token:
+            raise VaultUnavailableError(f"vault at {self.addr}: AppRole login returned no token")
+        REDACTOR.add(token)
+        self.client.token = token
+        self.owns_token = True
+        log.info(
+            "vault login",
+            addr=self.addr,
+            auth="approle",
+            mount=mount,
+            token_ttl=auth.get("lease_duration"),
+            renewable=auth.get("renewable"),
+        )
+
+    @staticmethod
+    def _credential_file(path: str, key: str) -> str:
+        text = read_regular_file(path, _MAX_CREDENTIAL_FILE, f"vault {key}").decode("utf-8", "replace").strip()
+        REDACTOR.add(text)
+        if not text:
+            raise SourceError(f"vault {key}: {path} is empty")
+        return text
+
+    def revoke_own_token(self) -> None:
+        """Revoke a token this process created by logging in; a supplied token is not ours to revoke."""
+        if not self.owns_token:
+            return
+        try:
+            self.client.auth.token.revoke_self()
+            self.owns_token = False
+            log.info("vault token revoked", addr=self.addr)
+        except Exception as e:  # best effort: the token expires by itself anyway
+            log.warning("vault token revoke failed", addr=self.addr, error=describe(e))
+
+    # -- reads ----------------------------------------------------------------------
+
+    def read(self, path: str, purpose: str) -> VaultSecret:
+        response = self._call(f"read of {path} ({purpose})", lambda: self.client.read(path))
+        if response is None:
+            raise SourceError(f"vault: {path} ({purpose}): no secret at this path (HTTP 404)")
+        return parse_response(path, response)
+
+    def capabilities(self, paths: list[str]) -> dict[str, list[str]]:
+        response = self._call(
+            "capabilities-self", lambda: self.client.sys.get_capabilities(paths=paths), denied_means_auth=True
+        )
+        data = response.get("data") or response
+        return {p: list(data.get(p) or []) for p in paths}
+
+    # -- retries and error mapping ------------------------------------------------
+
+    def _call(self, what: str, fn: Callable[[], T], denied_means_auth: bool = False) -> T:
+        attempts = 0
+
+        def attempt() -> T:
+            nonlocal attempts
+            attempts += 1
+            return fn()
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(is_transient),
+            stop=lambda _state: self._clock() >= self._deadline,
+            wait=self._wait,
+            sleep=self._sleep,
+            before_sleep=lambda state: log.warning(
+                "vault request failed, retrying",
+                addr=self.addr,
+                request=what,
+                attempt=state.attempt_number,
+                error=_outcome_error(state),
+            ),
+            reraise=True,
+        )
+        try:
+            return retrying(attempt)
+        except SecretInitError:
+            raise
+        except Exception as e:
+            raise self._map_error(e, what, attempts, denied_means_auth) from None
+
+    def _wait(self, state: tenacity.RetryCallState) -> float:
+        backoff = tenacity.wait_random_exponential(multiplier=0.2, max=5)(state)
+        return max(0.0, min(backoff, self._deadline - self._clock()))
+
+    def _map_error(self, exc: Exception, what: str, attempts: int, auth: bool) -> SecretInitError:
+        reason = describe(exc)
+        if is_transient(exc):
+            return VaultUnavailableError(
+                f"vault at {self.addr} unavailable: {what} failed {attempts} time(s) "
+                f"within startup_timeout {self.cfg.startup_timeout:g}s; last error: {reason}"
+            )
+        if isinstance(exc, hvac_errors.Forbidden | hvac_errors.Unauthorized):
+            return PermissionRefusedError(f"vault at {self.addr}: {what} denied: {reason}")
+        if isinstance(exc, hvac_errors.InvalidRequest):
+            cls = PermissionRefusedError if auth else DataError
+            return cls(f"vault at {self.addr}: {what} rejected: {reason}")
+        if isinstance(exc, hvac_errors.InvalidPath):
+            return SourceError(f"vault at {self.addr}: {what}: {reason}")
+        if isinstance(exc, requests.exceptions.RequestException):
+            return VaultUnavailableError(f"vault at {self.addr}: {what} failed: {reason}")
+        return SecretInitError(f"vault at {self.addr}: {what} failed: {type(exc).__name__}: {exc}")
+
+
+def _outcome_error(state: tenacity.RetryCallState) -> str:
+    exc = state.outcome.exception() if state.outcome else None
+    return describe(exc) if exc is not None else ""
+
+
+def parse_response(path: str, response: Mapping[str, Any]) -> VaultSecret:
+    data = response.get("data")
+    if not isinstance(data, dict):
+        raise DataError(f"vault: {path}: the response has no data object")
+    data = _unwrap_kv2(data)
+    _register_strings(data)
+    lease_id = response.get("lease_id") or ""
+    lease = None
+    if lease_id:
+        lease = Lease(lease_id, float(response.get("lease_duration") or 0), bool(response.get("renewable")))
+    return VaultSecret(path, data, lease, tuple(response.get("warnings") or ()))
+
+
+def _unwrap_kv2(data: dict[str, Any]) -> dict[str, Any]:
+    """A KV v2 read answers {"data": {...fields}, "metadata": {"version": N, ...}}."""
+    inner, meta = data.get("data"), data.get("metadata")
+    if set(data) == {"data", "metadata"} and isinstance(meta, dict) and "version" in meta:
+        return inner if isinstance(inner, dict) else {}
+    return data
+
+
+def _register_strings(value: Any) -> None:
+    if isinstance(value, str):
+        REDACTOR.add(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            _register_strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            _register_strings(v)
+
+
+def _is_loopback(addr: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(addr).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
