@@ -177,11 +177,16 @@ def test_render_twice_leaves_unchanged_files_alone(scene: Scene, app_user: UnixU
     assert len(unchanged) == 2
 
 
+def _replace_with_fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path)
+
+
 @pytest.mark.parametrize(
     ("mutate", "code", "message"),
     [
         (lambda s: (s.swarm / "db_password").unlink(), 66, "does not exist"),
-        (lambda s: (s.swarm / "db_password").unlink() or os.mkfifo(s.swarm / "db_password"), 66, "not a regular"),
+        (lambda s: _replace_with_fifo(s.swarm / "db_password"), 66, "not a regular"),
         (lambda s: s.api_file.write_bytes(b"x" * 2_000_000), 65, "larger than max_secret_size"),
     ],
 )
@@ -192,7 +197,7 @@ def test_bad_sources_fail_without_writing_anything(
     result = run_cli("render", "--config", str(scene.config(f'user = "{app_user.name}"')), env=scene.env())
     assert result.returncode == code, result.stderr
     assert message in result.stderr
-    assert [e for e in log_events(result.stderr) if e["level"] == "error"][0]["exit_code"] == code
+    assert next(e for e in log_events(result.stderr) if e["level"] == "error")["exit_code"] == code
     assert [p.name for p in scene.out.iterdir()] == []
 
 
