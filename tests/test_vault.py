@@ -33,7 +33,12 @@ class Setup:
         self.out = tmpfs / "out"
         self.workdir = workdir
         self.key = secrets.token_hex(6)
-        self.v2: dict[str, Any] = {"stripe_key": random_secret("sk"), "user": "svc", "pass": random_secret("pw"), "port": 5432}
+        self.v2: dict[str, Any] = {
+            "stripe_key": random_secret("sk"),
+            "user": "svc",
+            "pass": random_secret("pw"),
+            "port": 5432,
+        }
         self.v1 = {"password": random_secret("v1")}
         bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{self.key}", secret=self.v2)
         bao.client.secrets.kv.v1.create_or_update_secret(path=f"app/{self.key}", secret=self.v1, mount_point="kv1")
