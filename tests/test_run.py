@@ -130,6 +130,8 @@ def test_run_materializes_drops_and_execs(scene: Scene, app_user: UnixUser, prob
     assert (scene.out / "db_password").read_text() == scene.db_password
     assert_no_leak(stdout + stderr, scene.db_password, scene.api_key, env["VAULT_TOKEN"])
 
+    on_disk = [e["secret"] for e in log_events(stderr) if e["event"].startswith("source file is on a disk")]
+    assert on_disk == ["api.key"], "the file source under /tmp is on disk; the swarm one is on tmpfs"
     events = [e["event"] for e in log_events(stderr)]
     for expected in ("config loaded", "source read", "file written", "privileges dropped", "exec"):
         assert expected in events

@@ -34,18 +34,18 @@ def read_vault(client: "VaultClient", specs: Sequence[SecretSpec]) -> list[Mater
         secret = client.read(path, f"for {names}")
         lease = secret.lease
         log.info(
-            "source read",
-            source=f"vault:{path}",
-            secrets=[s.name for s in group],
+            "vault read",
+            path=path,
             fields=len(secret.fields),
             lease_id=lease.lease_id if lease else None,
             lease_duration=lease.duration if lease else None,
+            renewable=lease.renewable if lease else None,
         )
         for warning in secret.warnings:
-            log.warning("vault warning", source=f"vault:{path}", warning=warning)
+            log.warning("vault warning", path=path, warning=warning)
         for spec in group:
             value = render(spec, secret)
-            log.debug("secret rendered", secret=spec.name, bytes=len(value))
+            log.info("source read", secret=spec.name, source=str(spec.source), bytes=len(value))
             materials.append(Material(spec, Hidden(value), lease))
     return materials
 
