@@ -79,6 +79,9 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run" and not command:
         raise UsageError("run needs a command: secret-init run [--config PATH] -- CMD [ARG...]")
 
+    from secret_init import privileges
+
+    privileges.protect_process()
     path = config.config_path(getattr(args, "config", None), os.environ)
     cfg = config.load(path, os.environ)
     structlog.get_logger().info("config loaded", path=path, secrets=len(cfg.secrets), vault=cfg.uses_vault)

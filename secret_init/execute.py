@@ -8,10 +8,13 @@ from typing import NoReturn
 
 import structlog
 
+from secret_init import privileges
 from secret_init.config import SCRUBBED_ENV_PREFIXES
 from secret_init.errors import ExitCode, SecretInitError
 
 log = structlog.get_logger()
+
+MIN_MATCHED_VALUE = 8
 
 
 def child_environment(
@@ -24,11 +27,12 @@ def child_environment(
     """secret-init's environment minus VAULT_*, BAO_*, SECRET_INIT_* and scrub_env, plus *_FILE paths.
 
     A variable that holds a materialized secret's exact value is removed too: the app
-    gets the file instead.
+    gets the file instead. Values shorter than 8 characters are not matched, so a secret
+    like "1" cannot strip DEBUG=1.
     """
     exact = {s for s in scrub if not s.endswith("*")}
     prefixes = SCRUBBED_ENV_PREFIXES + tuple(s[:-1] for s in scrub if s.endswith("*"))
-    values = {v.decode("utf-8", "surrogateescape") for v in secret_values if v}
+    values = {v.decode("utf-8", "surrogateescape") for v in secret_values if len(v) >= MIN_MATCHED_VALUE}
     env: dict[str, str] = {}
     for name, value in environ.items():
         if name in exact or name.startswith(prefixes):
@@ -63,6 +67,7 @@ def resolve_command(command: str, path_var: str) -> str:
 def exec_app(argv: list[str], env: Mapping[str, str]) -> NoReturn:
     """Replace this process with the app. Nothing of Python runs after this."""
     path = resolve_command(argv[0], env.get("PATH", os.defpath))
+    privileges.restore_core_limit()
     log.info("exec", argv0=argv[0], path=path)
     try:
         os.execve(path, argv, dict(env))  # noqa: S606 - exec without a shell is the point

@@ -8,6 +8,7 @@ fails. Then no_new_privs closes setuid binaries and file capabilities for good.
 import os
 import pwd
 import re
+import resource
 from dataclasses import dataclass
 
 import structlog
@@ -16,8 +17,9 @@ from secret_init.errors import PermissionRefusedError, SecretInitError, UnknownU
 
 log = structlog.get_logger()
 
+PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
-PR_GET_NO_NEW_PRIVS = 39
+_saved_core_limit: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -125,10 +127,31 @@ def _capabilities_left() -> list[str]:
     return left
 
 
+def protect_process() -> None:
+    """Before any secret is read: no core dump, no ptrace or /proc/PID/mem by the same uid.
+
+    Both last only until the exec: the kernel resets dumpability on execve, and the core
+    limit is given back to the app by restore_core_limit.
+    """
+    global _saved_core_limit
+    _prctl(PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
+    _saved_core_limit = resource.getrlimit(resource.RLIMIT_CORE)
+    resource.setrlimit(resource.RLIMIT_CORE, (0, _saved_core_limit[1]))
+
+
+def restore_core_limit() -> None:
+    if _saved_core_limit is not None:
+        resource.setrlimit(resource.RLIMIT_CORE, _saved_core_limit)
+
+
 def set_no_new_privs() -> None:
+    _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+
+
+def _prctl(option: int, value: int, name: str) -> None:
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+    if libc.prctl(option, value, 0, 0, 0) != 0:
         err = ctypes.get_errno()
-        raise SecretInitError(f"prctl(PR_SET_NO_NEW_PRIVS) failed: {os.strerror(err)}")
+        raise SecretInitError(f"prctl({name}) failed: {os.strerror(err)}")

@@ -16,6 +16,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,40 +78,32 @@ def random_secret(prefix: str = "s") -> str:
 # -- filesystems --------------------------------------------------------------
 
 
-def _mount_tmpfs(size: str = "4m") -> Path:
+@contextmanager
+def mounted_tmpfs(size: str) -> Iterator[Path]:
+    """A fresh, real tmpfs mount under /tmp, world-traversable so a dropped app can reach it."""
+    if not IS_ROOT:
+        pytest.skip("needs root to mount a tmpfs")
     mountpoint = Path(tempfile.mkdtemp(prefix="si-tmpfs-", dir="/tmp"))
     mountpoint.chmod(0o755)
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "si-test", str(mountpoint)], check=True)
-    return mountpoint
-
-
-def _unmount(mountpoint: Path) -> None:
-    subprocess.run(["umount", "-l", str(mountpoint)], check=False)
-    shutil.rmtree(mountpoint, ignore_errors=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+        shutil.rmtree(mountpoint, ignore_errors=True)
 
 
 @pytest.fixture
 def tmpfs() -> Iterator[Path]:
-    """A fresh, real tmpfs mount (4 MiB), world-traversable so a dropped app can reach it."""
-    if not IS_ROOT:
-        pytest.skip("needs root to mount a tmpfs")
-    mountpoint = _mount_tmpfs()
-    try:
+    with mounted_tmpfs("4m") as mountpoint:
         yield mountpoint
-    finally:
-        _unmount(mountpoint)
 
 
 @pytest.fixture
 def small_tmpfs() -> Iterator[Path]:
-    """A real 64 KiB tmpfs, to run out of space for real."""
-    if not IS_ROOT:
-        pytest.skip("needs root to mount a tmpfs")
-    mountpoint = _mount_tmpfs("64k")
-    try:
+    """64 KiB: small enough to run out of space for real."""
+    with mounted_tmpfs("64k") as mountpoint:
         yield mountpoint
-    finally:
-        _unmount(mountpoint)
 
 
 @pytest.fixture
@@ -181,6 +174,8 @@ except PermissionError:
 status = dict(l.split(":", 1) for l in open("/proc/self/status").read().splitlines() if ":" in l)
 report["no_new_privs"] = status["NoNewPrivs"].strip()
 report["cap_eff"] = status["CapEff"].strip()
+import resource
+report["core_limit"] = list(resource.getrlimit(resource.RLIMIT_CORE))
 files = {}
 for var, path in os.environ.items():
     if var.endswith("_FILE"):

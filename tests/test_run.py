@@ -2,6 +2,8 @@
 
 import json
 import os
+import re
+import resource
 import stat
 import subprocess
 import sys
@@ -16,6 +18,7 @@ from tests.conftest import (
     UnixUser,
     assert_no_leak,
     base_env,
+    free_port,
     log_events,
     needs_root,
     random_secret,
@@ -73,11 +76,20 @@ def scene(tmpfs: Path, workdir: Path) -> Scene:
     return Scene(tmpfs, workdir)
 
 
+CORE_LIMIT = 4096
+
+
+def _core_limit_for_test() -> None:
+    """A known core limit: secret-init runs with 0 and must hand this back to the app."""
+    resource.setrlimit(resource.RLIMIT_CORE, (CORE_LIMIT, resource.getrlimit(resource.RLIMIT_CORE)[1]))
+
+
 def run_probe(scene: Scene, cfg: Path, probe: list[str], env: dict[str, str]) -> tuple[dict[str, Any], str, str]:
     """Start secret-init with Popen so the test knows its pid, and return the probe's report."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", *probe, str(scene.out), "--flag"],
         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_core_limit_for_test,
     )  # fmt: skip
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr
@@ -105,6 +117,7 @@ def test_run_materializes_drops_and_execs(scene: Scene, app_user: UnixUser, prob
     assert report["setuid0"] == "denied"
     assert report["no_new_privs"] == "1"
     assert int(report["cap_eff"], 16) == 0
+    assert report["core_limit"][0] == CORE_LIMIT, "the app gets its core limit back"
     assert report["argv"][-1] == "--flag"
 
     child_env = report["env"]
@@ -297,33 +310,43 @@ def test_files_only_start_does_not_import_hvac(scene: Scene, app_user: UnixUser)
     assert not {m for m in imported if m.split(".")[0] in ("hvac", "requests", "urllib3")}
 
 
-def _user_can_import(user: UnixUser, pythonpath: str) -> bool:
-    probe = subprocess.run(
-        ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups",
-         "/usr/bin/python3", "-c", "import secret_init.cli, structlog"],
+def _pythonpath() -> str:
+    paths = sysconfig.get_paths()
+    return f"{REPO}:{paths['purelib']}:{paths['platlib']}"
+
+
+def as_user(user: UnixUser, *argv: str) -> list[str]:
+    return ["setpriv", f"--reuid={user.uid}", f"--regid={user.gid}", "--clear-groups", *argv]
+
+
+@pytest.fixture
+def user_can_run_secret_init(app_user: UnixUser) -> str:
+    """PYTHONPATH with which the unprivileged user runs this checkout under Debian's python."""
+    pythonpath = _pythonpath()
+    check = subprocess.run(
+        as_user(app_user, "/usr/bin/python3", "-c", "import secret_init.cli, structlog, hvac"),
         env=base_env(PYTHONPATH=pythonpath), capture_output=True, check=False,
     )  # fmt: skip
-    return probe.returncode == 0
+    if check.returncode != 0:
+        pytest.skip("the app user cannot reach this checkout's Python packages")
+    return pythonpath
 
 
 def test_without_root_files_belong_to_the_caller_and_no_drop_happens(
-    scene: Scene, app_user: UnixUser, probe: list[str]
+    scene: Scene, app_user: UnixUser, probe: list[str], user_can_run_secret_init: str
 ) -> None:
     """Started as the app user (like `docker run --user`), secret-init writes files as itself."""
-    pythonpath = f"{REPO}:{sysconfig.get_paths()['purelib']}:{sysconfig.get_paths()['platlib']}"
-    if not os.path.exists("/usr/bin/python3") or not _user_can_import(app_user, pythonpath):
-        pytest.skip("the app user cannot reach this checkout's Python packages")
     os.chown(scene.swarm / "db_password", app_user.uid, app_user.gid)
     os.chown(scene.out.parent, app_user.uid, app_user.gid)
 
-    def as_user(cfg: Path) -> subprocess.CompletedProcess[str]:
+    def run_as_user(cfg: Path) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
-            ["setpriv", f"--reuid={app_user.uid}", f"--regid={app_user.gid}", "--clear-groups",
-             "/usr/bin/python3", "-m", "secret_init", "run", "--config", str(cfg), "--", *probe, str(scene.out)],
-            env=scene.env(PYTHONPATH=pythonpath), cwd=REPO, capture_output=True, text=True, check=False,
+            as_user(app_user, "/usr/bin/python3", "-m", "secret_init", "run", "--config", str(cfg), "--",
+                    *probe, str(scene.out)),
+            env=scene.env(PYTHONPATH=user_can_run_secret_init), cwd=REPO, capture_output=True, text=True, check=False,
         )  # fmt: skip
 
-    result = as_user(scene.config())
+    result = run_as_user(scene.config())
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["resuid"] == [app_user.uid] * 3
@@ -332,6 +355,64 @@ def test_without_root_files_belong_to_the_caller_and_no_drop_happens(
     assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (app_user.uid, 0o400)
     assert stat.S_IMODE(scene.out.stat().st_mode) == 0o700
 
-    other = as_user(scene.config('user = "65534:65534"'))
+    other = run_as_user(scene.config('user = "65534:65534"'))
     assert other.returncode == 77
     assert "without root" in other.stderr
+
+
+def test_same_uid_cannot_read_secret_init_memory_or_environ(
+    scene: Scene, app_user: UnixUser, user_can_run_secret_init: str
+) -> None:
+    """While secret-init holds a token, a process of the same uid cannot read its /proc files.
+
+    secret-init runs as the unprivileged user and waits on a Vault that is down, with its
+    token in VAULT_TOKEN; another process of that user then tries /proc/PID/environ.
+    """
+    token = random_secret("tok")
+    cfg = write_config(
+        scene.workdir,
+        f'[output]\ndir = "{scene.out}"\n[vault]\naddr = "http://127.0.0.1:{free_port()}"\n'
+        'startup_timeout = "4s"\n[[secret]]\nname = "k"\nsource = "vault:secret/data/x#k"\n',
+    )
+    os.chown(scene.out.parent, app_user.uid, app_user.gid)
+    proc = subprocess.Popen(
+        as_user(app_user, "/usr/bin/python3", "-m", "secret_init", "render", "--config", str(cfg)),
+        env=scene.env(PYTHONPATH=user_can_run_secret_init, VAULT_TOKEN=token), cwd=REPO,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_core_limit_for_test,
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        seen = ""
+        while "retrying" not in seen:  # secret-init is past start-up and holds the token
+            line = proc.stderr.readline()
+            assert line, f"secret-init ended early: {seen}"
+            seen += line
+        limits = Path(f"/proc/{proc.pid}/limits").read_text()
+        assert re.search(r"Max core file size\s+0\s", limits), "core dumps are off while secrets are held"
+        peek = subprocess.run(as_user(app_user, "cat", f"/proc/{proc.pid}/environ"), capture_output=True, check=False)
+        assert peek.returncode != 0 and b"Permission denied" in peek.stderr
+        assert token.encode() not in peek.stdout
+    finally:
+        _, rest = proc.communicate(timeout=30)
+    assert proc.returncode == 69, seen + rest
+    assert_no_leak(seen + rest, token)
+
+
+def test_full_output_tmpfs_is_73_and_keeps_old_files(small_tmpfs: Path, workdir: Path, app_user: UnixUser) -> None:
+    big = workdir / "big"
+    big.write_bytes(os.urandom(200_000))
+    small = workdir / "small"
+    small.write_text("v1")
+    out = small_tmpfs / "out"
+    body = f'[[secret]]\nname = "small"\nsource = "file:{small}"\n'
+    cfg = write_config(workdir, f'[output]\ndir = "{out}"\nuser = "{app_user.name}"\n{body}')
+    assert run_cli("render", "--config", str(cfg)).returncode == 0
+    small.write_text("v2")
+    cfg.write_text(cfg.read_text() + f'[[secret]]\nname = "big"\nsource = "file:{big}"\n')
+    result = run_cli("render", "--config", str(cfg))
+    assert result.returncode == 73, result.stderr
+    errors = [e for e in log_events(result.stderr) if e["level"] == "error"]
+    assert len(errors) == 1 and "No space left on device" in errors[0]["event"]
+    assert sorted(p.name for p in out.iterdir()) == ["small"]
+    assert (out / "small").read_text() == "v1"
