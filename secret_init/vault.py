@@ -109,7 +109,10 @@ class VaultClient:
         self._deadline = clock() + cfg.startup_timeout
         self.owns_token = False  # True when this process logged in and so may revoke
         verify: bool | str = cfg.ca_cert or True
-        self.client = hvac.Client(url=cfg.addr, verify=verify, timeout=cfg.request_timeout, namespace=cfg.namespace)
+        # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token behind our back.
+        self.client = hvac.Client(
+            url=cfg.addr, token="", verify=verify, timeout=cfg.request_timeout, namespace=cfg.namespace
+        )
         if cfg.addr.startswith("http://") and not _is_loopback(cfg.addr):
             log.warning("vault address is plain http; tokens and secrets cross the network unencrypted", addr=cfg.addr)
 

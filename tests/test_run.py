@@ -416,3 +416,15 @@ def test_full_output_tmpfs_is_73_and_keeps_old_files(small_tmpfs: Path, workdir:
     assert len(errors) == 1 and "No space left on device" in errors[0]["event"]
     assert sorted(p.name for p in out.iterdir()) == ["small"]
     assert (out / "small").read_text() == "v1"
+
+
+def test_version_and_console_log_format(scene: Scene, app_user: UnixUser) -> None:
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("secret-init ")
+    cfg = scene.config(f'user = "{app_user.name}"')
+    result = run_cli("--log-format", "console", "render", "--config", str(cfg), env=scene.env())
+    assert result.returncode == 0, result.stderr
+    assert log_events(result.stderr) == []  # no JSON lines
+    assert "config loaded" in result.stderr and "file written" in result.stderr
+    quiet = run_cli("render", "--config", str(cfg), "--log-level", "error", env=scene.env())
+    assert quiet.returncode == 0 and quiet.stderr == ""
