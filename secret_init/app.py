@@ -3,7 +3,7 @@
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 import structlog
 
@@ -14,6 +14,9 @@ from secret_init.model import Material
 from secret_init.privileges import AppUser
 from secret_init.sink import OutputFile, Owner, Sink, WriteResult
 from secret_init.sources.files import read_files
+
+if TYPE_CHECKING:
+    from secret_init.vault import VaultClient
 
 log = structlog.get_logger()
 
@@ -48,9 +51,26 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool) -> Mater
     sink = Sink(cfg.output.dir, user.gid, cfg.output.allow_non_tmpfs)
     sink.check_filesystem()
     sink.prepare()
-    materials = read_all(cfg, environ)
-    files = [OutputFile(m.spec.name, m.value, m.spec.mode, owners[m.spec.name]) for m in materials]
-    return Materialized(user, materials, sink.write(files))
+    # Local files first: cheap, and a mistake there is found before Vault is asked.
+    materials = read_files(cfg, [s for s in cfg.secrets if s.source.kind != "vault"])
+    vault_specs = [s for s in cfg.secrets if s.source.kind == "vault"]
+    client = _vault_login(cfg, environ) if vault_specs else None
+    try:
+        if client is not None:
+            from secret_init.sources.vault import read_vault
+
+            materials += read_vault(client, vault_specs, cfg.output.max_secret_size)
+        order = {s.name: i for i, s in enumerate(cfg.secrets)}
+        materials.sort(key=lambda m: order[m.spec.name])
+        files = [OutputFile(m.spec.name, m.value, m.spec.mode, owners[m.spec.name]) for m in materials]
+        written = sink.write(files)
+    except BaseException:
+        if client is not None:
+            client.revoke_own_token()  # any lease created so far dies with it
+        raise
+    if client is not None:
+        _release_token(client, materials)
+    return Materialized(user, materials, written)
 
 
 def app_user(cfg: Config, for_app: bool) -> AppUser:
@@ -80,27 +100,18 @@ def file_owner(spec: SecretSpec, app: AppUser) -> Owner:
     return Owner(user.uid, user.gid)
 
 
-def read_all(cfg: Config, environ: Mapping[str, str]) -> list[Material]:
-    """Local files first (cheap, fail fast), then Vault; returned in config order."""
-    materials = read_files(cfg, [s for s in cfg.secrets if s.source.kind != "vault"])
-    vault_specs = [s for s in cfg.secrets if s.source.kind == "vault"]
-    if vault_specs:
-        materials += _read_vault(cfg, environ, vault_specs)
-    order = {s.name: i for i, s in enumerate(cfg.secrets)}
-    return sorted(materials, key=lambda m: order[m.spec.name])
-
-
-def _read_vault(cfg: Config, environ: Mapping[str, str], specs: list[SecretSpec]) -> list[Material]:
-    from secret_init.sources.vault import read_vault
+def _vault_login(cfg: Config, environ: Mapping[str, str]) -> "VaultClient":
     from secret_init.vault import VaultClient
 
     client = VaultClient(cfg.vault, environ)
     client.login()
-    materials = read_vault(client, specs)
+    return client
+
+
+def _release_token(client: "VaultClient", materials: list[Material]) -> None:
     leased = sorted({m.lease.lease_id for m in materials if m.lease})
     if leased:
         # The leases die with the token, so it must outlive this process.
         log.warning("leased secrets will not be renewed after exec; they expire with their TTL", leases=leased)
     else:
         client.revoke_own_token()
-    return materials

@@ -15,6 +15,7 @@ from secret_init import fsinfo, privileges
 from secret_init.app import app_user, file_owner
 from secret_init.config import Config, SecretSpec
 from secret_init.errors import ExitCode, SecretInitError
+from secret_init.redaction import REDACTOR
 from secret_init.sources.files import source_path
 
 
@@ -30,7 +31,8 @@ class Row:
 
     @property
     def status(self) -> str:
-        return "ok" if self.problem is None else self.problem
+        # Printed on stdout, outside the logger: redact here too.
+        return "ok" if self.problem is None else REDACTOR.redact(self.problem)
 
 
 def check(cfg: Config, environ: Mapping[str, str], out: TextIO) -> int:

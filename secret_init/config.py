@@ -4,6 +4,7 @@ Pure: `load_text` takes the text and the environment, touches nothing else, and 
 ConfigError with a one-line message naming the section and key at fault.
 """
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -18,6 +19,12 @@ DEFAULT_SWARM_DIR = "/run/secrets"
 DEFAULT_MAX_SECRET_SIZE = 1024 * 1024
 MAX_CONFIG_SIZE = 1024 * 1024
 MAX_NAME_BYTES = 255
+
+# The sink takes over its directory (owner, mode, stray temp files): never one of these.
+SHARED_DIRS = frozenset(
+    {"/", "/bin", "/boot", "/dev", "/dev/shm", "/etc", "/home", "/lib", "/opt", "/proc", "/root", "/run",  # noqa: S108
+     "/run/secrets", "/sbin", "/srv", "/sys", "/tmp", "/usr", "/var", "/var/run", "/var/tmp"}  # noqa: S108
+)  # fmt: skip
 
 # Prefixes removed from the child's environment: they hold Vault and secret-init settings.
 SCRUBBED_ENV_PREFIXES = ("VAULT_", "BAO_", "SECRET_INIT_")
@@ -153,6 +160,8 @@ def _parse_output(t: "_Table") -> OutputConfig:
     out_dir = t.string("dir") or d.dir
     if not out_dir.startswith("/"):
         t.fail("dir", "must be an absolute path")
+    if os.path.normpath(out_dir) in SHARED_DIRS:
+        t.fail("dir", f"{out_dir} is a shared system directory; use a dedicated one such as {DEFAULT_OUTPUT_DIR}")
     user = t.string("user")
     if user is not None:
         t.check(validate_user_spec(user), "user")
@@ -183,7 +192,7 @@ def _parse_vault(t: "_Table", environ: Mapping[str, str]) -> VaultConfig:
         secret_id_file=t.abs_path("secret_id_file"),
         approle_mount=(t.string("approle_mount") or d.approle_mount).strip("/"),
         ca_cert=t.abs_path("ca_cert") or environ.get("VAULT_CACERT") or environ.get("BAO_CACERT"),
-        namespace=t.string("namespace") or environ.get("VAULT_NAMESPACE") or None,
+        namespace=_explicit_or_env(t.string("namespace"), environ.get("VAULT_NAMESPACE")),
         startup_timeout=t.duration("startup_timeout", d.startup_timeout),
         request_timeout=t.duration("request_timeout", d.request_timeout),
     )
@@ -193,6 +202,12 @@ def _parse_vault(t: "_Table", environ: Mapping[str, str]) -> VaultConfig:
         t.fail("request_timeout", "must be more than zero")
     t.finish()
     return out
+
+
+def _explicit_or_env(value: str | None, env_value: str | None) -> str | None:
+    """A key set in the file wins, even when empty; otherwise the environment's value."""
+    chosen = value if value is not None else env_value
+    return chosen or None
 
 
 def _parse_process(t: "_Table") -> ProcessConfig:

@@ -20,7 +20,7 @@ MIN_MATCHED_VALUE = 8
 def child_environment(
     environ: Mapping[str, str],
     scrub: Iterable[str],
-    user_env: Mapping[str, str],
+    user_env: Mapping[str, str | None],
     file_vars: Mapping[str, str],
     secret_values: Iterable[bytes],
 ) -> dict[str, str]:
@@ -32,18 +32,28 @@ def child_environment(
     """
     exact = {s for s in scrub if not s.endswith("*")}
     prefixes = SCRUBBED_ENV_PREFIXES + tuple(s[:-1] for s in scrub if s.endswith("*"))
-    values = {v.decode("utf-8", "surrogateescape") for v in secret_values if len(v) >= MIN_MATCHED_VALUE}
+    values = {_plain(v.decode("utf-8", "surrogateescape")) for v in secret_values}
+    values = {v for v in values if len(v) >= MIN_MATCHED_VALUE}
     env: dict[str, str] = {}
     for name, value in environ.items():
         if name in exact or name.startswith(prefixes):
             continue
-        if value in values:
+        if _plain(value) in values:
             log.warning("removed a variable holding a secret value from the app's environment", variable=name)
             continue
         env[name] = value
-    env.update(user_env)
+    for name, user_value in user_env.items():
+        if user_value is None:
+            env.pop(name, None)
+        else:
+            env[name] = user_value
     env.update(file_vars)
     return env
+
+
+def _plain(value: str) -> str:
+    # `echo pw | docker secret create` stores "pw\n"; the variable usually lacks the newline.
+    return value.rstrip("\r\n")
 
 
 def resolve_command(command: str, path_var: str) -> str:

@@ -30,12 +30,9 @@ class AppUser:
     name: str | None  # None for a bare uid:gid with no passwd entry
     home: str
 
-    def environment(self) -> dict[str, str]:
-        """HOME, USER and LOGNAME as a login would set them."""
-        env = {"HOME": self.home}
-        if self.name is not None:
-            env["USER"] = env["LOGNAME"] = self.name
-        return env
+    def environment(self) -> dict[str, str | None]:
+        """HOME, USER and LOGNAME as a login would set them; None unsets (a uid with no name)."""
+        return {"HOME": self.home, "USER": self.name, "LOGNAME": self.name}
 
 
 def resolve(spec: str | None) -> AppUser:
@@ -95,10 +92,13 @@ def verify_dropped(user: AppUser) -> None:
         problems.append(f"gids are {os.getresgid()}")
     if set(os.getgroups()) != set(user.groups):
         problems.append(f"groups are {sorted(os.getgroups())}")
+    status = _proc_status()
+    if status.get("NoNewPrivs") != "1":
+        problems.append("no_new_privs is not set")
     if user.uid != 0:
         if _can_become_root():
             problems.append("setuid(0) succeeded")
-        caps = _capabilities_left()
+        caps = [key for key in ("CapPrm", "CapEff", "CapAmb") if int(status.get(key, "1"), 16) != 0]
         if caps:
             problems.append(f"capabilities remain ({', '.join(caps)})")
     if problems:
@@ -113,18 +113,15 @@ def _can_become_root() -> bool:
     return True
 
 
-def _capabilities_left() -> list[str]:
+def _proc_status() -> dict[str, str]:
+    """/proc/self/status as a dict; empty when unreadable, which then fails every check."""
     try:
         with open("/proc/self/status", "rb") as f:  # binary: no codec import after the drop
-            lines = f.read().decode("utf-8", "replace").splitlines()
+            text = f.read().decode("utf-8", "replace")
     except OSError:
-        return []
-    left = []
-    for line in lines:
-        key, _, value = line.partition(":")
-        if key in ("CapPrm", "CapEff", "CapAmb") and int(value.strip(), 16) != 0:
-            left.append(key)
-    return left
+        return {}
+    fields = (line.partition(":") for line in text.splitlines())
+    return {key: value.strip() for key, _, value in fields}
 
 
 def protect_process() -> None:

@@ -8,6 +8,7 @@ directory or a planted symlink is never followed.
 """
 
 import errno
+import fcntl
 import hmac
 import os
 import secrets
@@ -86,11 +87,14 @@ class Sink:
             pass
         except OSError as e:
             raise WriteError(f"output dir {self.dir} cannot be created: {e.strerror}") from None
-        with self._open_dir() as dfd:
-            self._fix_dir(dfd)
-            for entry in os.scandir(dfd):
-                if entry.name.startswith(TEMP_PREFIX):
-                    _unlink_quietly(entry.name, dfd)
+        with self._locked_dir() as dfd:
+            try:
+                self._fix_dir(dfd)
+                for entry in os.scandir(dfd):
+                    if entry.name.startswith(TEMP_PREFIX):
+                        _unlink_quietly(entry.name, dfd)
+            except OSError as e:
+                raise WriteError(f"output dir {self.dir}: {e.strerror or e}") from None
 
     def _fix_dir(self, dfd: int) -> None:
         st = os.fstat(dfd)
@@ -104,6 +108,13 @@ class Sink:
                 log.warning("output dir is writable by others and not ours to fix", dir=self.dir)
         except PermissionError as e:
             raise PermissionRefusedError(f"output dir {self.dir}: cannot set owner or mode: {e.strerror}") from None
+
+    @contextmanager
+    def _locked_dir(self) -> Iterator[int]:
+        """The directory, locked against another secret-init writing into it at the same time."""
+        with self._open_dir() as dfd:
+            fcntl.flock(dfd, fcntl.LOCK_EX)
+            yield dfd  # closing the descriptor releases the lock
 
     @contextmanager
     def _open_dir(self) -> Iterator[int]:
@@ -121,8 +132,12 @@ class Sink:
     # -- the files ------------------------------------------------------------------
 
     def write(self, files: Sequence[OutputFile]) -> list[WriteResult]:
-        """Write every changed file, or none of them."""
-        with self._open_dir() as dfd:
+        """Write every changed file. A failure while staging leaves every old file in place.
+
+        Renames within one directory fail only in odd cases (a mount on a destination);
+        then the files renamed before it are already new.
+        """
+        with self._locked_dir() as dfd:
             staged: list[tuple[OutputFile, str]] = []
             try:
                 for f in files:
@@ -130,9 +145,11 @@ class Sink:
                         staged.append((f, self._stage(f, dfd)))
                 for f, temp in staged:
                     os.replace(temp, f.name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except BaseException:
+            except BaseException as e:
                 for _, temp in staged:
                     _unlink_quietly(temp, dfd)
+                if isinstance(e, OSError):
+                    raise WriteError(f"output dir {self.dir}: {e.strerror or e}") from None
                 raise
             finally:
                 _fsync_quietly(dfd)

@@ -34,14 +34,22 @@ log = structlog.get_logger()
 T = TypeVar("T")
 
 # Vault answers with these when it is sealed, a standby, overloaded or mid-failover.
+# UnexpectedError is every status hvac does not map: 504 and other 5xx, and 412 (a
+# performance standby not yet caught up).
 _TRANSIENT_HTTP = (
     hvac_errors.InternalServerError,
     hvac_errors.BadGateway,
     hvac_errors.VaultDown,
     hvac_errors.VaultNotInitialized,
     hvac_errors.RateLimitExceeded,
+    hvac_errors.UnexpectedError,
 )
-_TRANSIENT_NETWORK = (requests.exceptions.ConnectionError, requests.exceptions.Timeout)
+_TRANSIENT_NETWORK = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+)
+_MAX_REASON = 200
 _STATUS_OF = {
     hvac_errors.InvalidRequest: 400,
     hvac_errors.Unauthorized: 401,
@@ -66,9 +74,13 @@ class VaultSecret:
     warnings: tuple[str, ...] = ()
 
 
-def is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException, idempotent: bool = True) -> bool:
     # A certificate that fails verification will not pass on the next try.
     if isinstance(exc, requests.exceptions.SSLError):
+        return False
+    # After a read timeout the request may have been served: a login may have used up
+    # a single-use secret_id, so it is not sent again.
+    if not idempotent and isinstance(exc, requests.exceptions.ReadTimeout):
         return False
     return isinstance(exc, _TRANSIENT_NETWORK + _TRANSIENT_HTTP)
 
@@ -77,8 +89,9 @@ def describe(exc: BaseException) -> str:
     """A short, token-free description of a failed request."""
     if isinstance(exc, hvac_errors.VaultError):
         status = _STATUS_OF.get(type(exc))
-        errors = "; ".join(str(e) for e in exc.errors) if exc.errors else (exc.args[0] if exc.args else "")
-        prefix = f"HTTP {status}" if status else type(exc).__name__
+        errors = "; ".join(str(e) for e in exc.errors) if exc.errors else str(exc.args[0] if exc.args else "")
+        errors = " ".join(errors.split())[:_MAX_REASON]  # one line, bounded: it may be a raw body
+        prefix = f"HTTP {status}" if status else "unexpected HTTP status"
         return f"{prefix}: {errors}" if errors else prefix
     if isinstance(exc, requests.exceptions.Timeout):
         return "request timed out"
@@ -148,7 +161,7 @@ class VaultClient:
                 role_id=role_id, secret_id=secret_id, mount_point=mount, use_token=False
             )
 
-        response = self._call(f"AppRole login at auth/{mount}", login, denied_means_auth=True)
+        response = self._call(f"AppRole login at auth/{mount}", login, is_login=True)
         auth = response.get("auth") or {}
         token = auth.get("client_token")
         if not token:
@@ -193,15 +206,13 @@ class VaultClient:
         return parse_response(path, response)
 
     def capabilities(self, paths: list[str]) -> dict[str, list[str]]:
-        response = self._call(
-            "capabilities-self", lambda: self.client.sys.get_capabilities(paths=paths), denied_means_auth=True
-        )
+        response = self._call("capabilities-self", lambda: self.client.sys.get_capabilities(paths=paths))
         data = response.get("data") or response
         return {p: list(data.get(p) or []) for p in paths}
 
     # -- retries and error mapping ------------------------------------------------
 
-    def _call(self, what: str, fn: Callable[[], T], denied_means_auth: bool = False) -> T:
+    def _call(self, what: str, fn: Callable[[], T], is_login: bool = False) -> T:
         attempts = 0
 
         def attempt() -> T:
@@ -210,7 +221,7 @@ class VaultClient:
             return fn()
 
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(is_transient),
+            retry=tenacity.retry_if_exception(lambda e: is_transient(e, idempotent=not is_login)),
             stop=lambda _state: self._clock() >= self._deadline,
             wait=self._wait,
             sleep=self._sleep,
@@ -228,15 +239,15 @@ class VaultClient:
         except SecretInitError:
             raise
         except Exception as e:
-            raise self._map_error(e, what, attempts, denied_means_auth) from None
+            raise self._map_error(e, what, attempts, is_login) from None
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         backoff = tenacity.wait_random_exponential(multiplier=0.2, max=5)(state)
         return max(0.0, min(backoff, self._deadline - self._clock()))
 
-    def _map_error(self, exc: Exception, what: str, attempts: int, auth: bool) -> SecretInitError:
+    def _map_error(self, exc: Exception, what: str, attempts: int, is_login: bool) -> SecretInitError:
         reason = describe(exc)
-        if is_transient(exc):
+        if is_transient(exc, idempotent=not is_login):
             return VaultUnavailableError(
                 f"vault at {self.addr} unavailable: {what} failed {attempts} time(s) "
                 f"within startup_timeout {self.cfg.startup_timeout:g}s; last error: {reason}"
@@ -244,13 +255,15 @@ class VaultClient:
         if isinstance(exc, hvac_errors.Forbidden | hvac_errors.Unauthorized):
             return PermissionRefusedError(f"vault at {self.addr}: {what} denied: {reason}")
         if isinstance(exc, hvac_errors.InvalidRequest):
-            cls = PermissionRefusedError if auth else DataError
+            cls = PermissionRefusedError if is_login else DataError
             return cls(f"vault at {self.addr}: {what} rejected: {reason}")
         if isinstance(exc, hvac_errors.InvalidPath):
+            if is_login:
+                return ConfigError(f"vault at {self.addr}: {what}: no such auth method ({reason}); check approle_mount")
             return SourceError(f"vault at {self.addr}: {what}: {reason}")
-        if isinstance(exc, requests.exceptions.RequestException):
+        if isinstance(exc, requests.exceptions.RequestException | hvac_errors.VaultError):
             return VaultUnavailableError(f"vault at {self.addr}: {what} failed: {reason}")
-        return SecretInitError(f"vault at {self.addr}: {what} failed: {type(exc).__name__}: {exc}")
+        return SecretInitError(f"vault at {self.addr}: {what} failed: {type(exc).__name__}")
 
 
 def _outcome_error(state: tenacity.RetryCallState) -> str:

@@ -102,6 +102,8 @@ def test_defaults_and_environment() -> None:
     assert not cfg.uses_vault
     both = load_text("", "x", {"VAULT_ADDR": "http://127.0.0.1:1", "BAO_ADDR": "http://127.0.0.1:2"})
     assert both.vault.addr == "http://127.0.0.1:1"
+    assert load_text("", "x", {"VAULT_NAMESPACE": "team"}).vault.namespace == "team"
+    assert load_text('[vault]\nnamespace = ""\n', "x", {"VAULT_NAMESPACE": "team"}).vault.namespace is None
 
 
 def test_config_path_precedence() -> None:
@@ -117,6 +119,8 @@ def test_config_path_precedence() -> None:
         ('[output]\ndirr = "/x"\n', "unknown key(s) dirr"),
         ('colour = "red"\n', "top level: unknown key(s) colour"),
         ('[output]\ndir = "relative"\n', "dir must be an absolute path"),
+        ('[output]\ndir = "/dev/shm/"\n', "shared system directory"),
+        ('[output]\ndir = "/tmp"\n', "shared system directory"),
         ('[output]\nmode = "0999"\n', "not an octal mode"),
         ('[output]\nmode = "4755"\n', "bits beyond 0777"),
         ('[output]\nuser = "bad user"\n', "neither a user name nor uid:gid"),

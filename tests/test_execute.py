@@ -13,11 +13,12 @@ def test_environment_rules() -> None:
         {
             "PATH": "/bin", "VAULT_TOKEN": "t", "BAO_ADDR": "a", "SECRET_INIT_CONFIG": "c",
             "AWS_SECRET": "x", "DEBUG_A": "1", "DEBUG": "1", "COPY": "long-secret-value", "HOME": "/root",
+            "LOGNAME": "root",
         },
         scrub=["AWS_SECRET", "DEBUG_*"],
-        user_env={"HOME": "/home/app", "USER": "app"},
+        user_env={"HOME": "/home/app", "USER": "app", "LOGNAME": None},
         file_vars={"DB_PASSWORD_FILE": "/run/app-secrets/db_password"},
-        secret_values=[b"long-secret-value", b"1"],
+        secret_values=[b"long-secret-value\n", b"1"],
     )  # fmt: skip
     assert env == {
         "PATH": "/bin",

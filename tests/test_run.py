@@ -151,11 +151,15 @@ def test_run_materializes_drops_and_execs(scene: Scene, app_user: UnixUser, prob
 
 
 def test_bare_uid_gid_gets_no_supplementary_groups(scene: Scene, probe: list[str]) -> None:
-    cfg = scene.config('user = "65534:65534"')
-    report, _, _ = run_probe(scene, cfg, probe, scene.env())
-    assert report["resuid"] == [65534] * 3
+    """A uid with no passwd entry: no groups, HOME=/, and root's USER/LOGNAME do not pass through."""
+    cfg = scene.config('user = "54321:54321"')
+    report, _, _ = run_probe(scene, cfg, probe, scene.env(USER="root", LOGNAME="root", HOME="/root"))
+    assert report["resuid"] == [54321] * 3
+    assert report["resgid"] == [54321] * 3
     assert report["groups"] == []
     assert report["setuid0"] == "denied"
+    assert report["env"]["HOME"] == "/"
+    assert "USER" not in report["env"] and "LOGNAME" not in report["env"]
 
 
 def test_root_app_is_refused_unless_allowed(scene: Scene, probe: list[str]) -> None:

@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from secret_init.config import SecretSpec
-from secret_init.errors import MissingFieldError
+from secret_init.errors import DataError, MissingFieldError
 from secret_init.model import Hidden, Material
+from secret_init.redaction import REDACTOR
 
 if TYPE_CHECKING:
     from secret_init.vault import VaultClient, VaultSecret
@@ -27,7 +28,7 @@ def group_by_path(specs: Sequence[SecretSpec]) -> dict[str, list[SecretSpec]]:
     return groups
 
 
-def read_vault(client: "VaultClient", specs: Sequence[SecretSpec]) -> list[Material]:
+def read_vault(client: "VaultClient", specs: Sequence[SecretSpec], max_size: int) -> list[Material]:
     materials = []
     for path, group in group_by_path(specs).items():
         names = ", ".join(s.name for s in group)
@@ -45,6 +46,9 @@ def read_vault(client: "VaultClient", specs: Sequence[SecretSpec]) -> list[Mater
             log.warning("vault warning", path=path, warning=warning)
         for spec in group:
             value = render(spec, secret)
+            REDACTOR.add(value)  # numbers and templates included, not only string fields
+            if len(value) > max_size:
+                raise DataError(f"secret {spec.name!r} ({spec.source}): {len(value)} bytes is over max_secret_size")
             log.info("source read", secret=spec.name, source=str(spec.source), bytes=len(value))
             materials.append(Material(spec, Hidden(value), lease))
     return materials
