@@ -1,7 +1,9 @@
 """The sink on real tmpfs mounts: modes, owners, atomic replacement, symlinks, full disks."""
 
+import fcntl
 import os
 import stat
+import threading
 from pathlib import Path
 
 import pytest
@@ -115,6 +117,21 @@ def test_full_disk_keeps_old_files_and_leaves_no_temp(small_tmpfs: Path) -> None
     assert (small_tmpfs / "s" / "a").read_bytes() == b"old-a"
     assert (small_tmpfs / "s" / "b").read_bytes() == b"old-b"
     assert temp_files(small_tmpfs / "s") == []
+
+
+def test_a_second_writer_waits_for_the_first(tmpfs: Path) -> None:
+    """The sink locks the directory: a write blocks while another holder has the lock."""
+    out = tmpfs / "s"
+    sink = ready_sink(out)
+    dfd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(dfd, fcntl.LOCK_EX)
+    writer = threading.Thread(target=sink.write, args=([out_file("a", b"x")],))
+    writer.start()
+    writer.join(0.5)
+    assert writer.is_alive() and not (out / "a").exists()
+    os.close(dfd)  # releases the lock
+    writer.join(10)
+    assert not writer.is_alive() and (out / "a").read_bytes() == b"x"
 
 
 def test_stale_temp_files_are_removed(tmpfs: Path) -> None:

@@ -171,12 +171,25 @@ def test_missing_field_is_65_and_nothing_is_written(setup: Setup, shape: str) ->
     cfg = setup.config(
         f'[[secret]]\nname = "good"\nsource = "vault:{setup.v2_path}#stripe_key"\n[[secret]]\nname = "bad"\n{broken}\n'
     )
+    accessors = setup.bao.token_accessors()
     result = run_cli("render", "--config", str(cfg), env=base_env())
     assert result.returncode == 65, result.stderr
+    assert setup.bao.token_accessors() == accessors, "the login token is revoked on failure too"
     assert "nope" in result.stderr and "'bad'" in result.stderr
     assert "stripe_key" in result.stderr  # the field names that exist are listed; their values are not
     assert [p.name for p in setup.out.iterdir()] == []
     assert_no_leak(result.stderr, *setup.values())
+
+
+def test_vault_value_over_max_secret_size_is_65(setup: Setup) -> None:
+    cfg = setup.config(
+        f'[[secret]]\nname = "big"\nsource = "vault:{setup.v2_path}#stripe_key"\n',
+        output_extra='user = "65534:65534"\nmax_secret_size = 8',
+    )
+    result = run_cli("render", "--config", str(cfg), env=base_env())
+    assert result.returncode == 65, result.stderr
+    assert "max_secret_size" in result.stderr
+    assert not (setup.out / "big").exists()
 
 
 def test_forbidden_path_is_77_not_retried_and_names_path_not_token(setup: Setup) -> None:
