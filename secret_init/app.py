@@ -1,9 +1,10 @@
 """The one-shot flow, top to bottom: user -> filesystem -> sources -> sink -> drop -> exec."""
 
 import os
+import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -28,14 +29,45 @@ class Materialized:
     written: list[WriteResult]
 
 
-def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> NoReturn:
+def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> int:
+    """Materialize, then exec the app as its user, or start it and supervise it."""
     done = materialize(cfg, environ, for_app=True)
     file_vars = {s.env: cfg.file_path(s) for s in cfg.secrets if s.env}
     user_env = done.user.environment() if privileges.is_root() else {}
     values = [m.value.reveal() for m in done.materials]
     env = execute.child_environment(environ, cfg.process.scrub_env, user_env, file_vars, values)
+    if cfg.process.supervise:
+        return supervise(cfg, command, env, done.user if privileges.is_root() else None)
     privileges.drop(done.user)
     execute.exec_app(command, env)
+
+
+def supervise(cfg: Config, command: list[str], env: Mapping[str, str], user: AppUser | None) -> int:
+    """Stay resident: forward signals, reap, and exit with the app's status (128+N for signal N)."""
+    from queue import Empty, SimpleQueue
+
+    from secret_init.supervisor import SignalEvent, Supervisor, exit_code
+
+    events: SimpleQueue[object] = SimpleQueue()
+    supervisor = Supervisor(events)
+    supervisor.install()
+    privileges.set_no_new_privs()  # inherited by the app
+    supervisor.start(command, env, user)
+    while supervisor.exit_status is None:
+        try:
+            event = events.get(timeout=1.0)
+        except Empty:
+            supervisor.reap()  # a lost SIGCHLD must not leave a zombie
+            continue
+        if isinstance(event, SignalEvent):
+            if event.signum == signal.SIGCHLD:
+                supervisor.reap()
+            else:
+                supervisor.forward(event.signum)
+    supervisor.stop_leftovers(cfg.process.stop_timeout)
+    code = exit_code(supervisor.exit_status)
+    log.info("supervisor exiting", exit_code=code)
+    return code
 
 
 def render(cfg: Config, environ: Mapping[str, str]) -> None:

@@ -95,4 +95,4 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "render":
         app.render(cfg, os.environ)
         return 0
-    app.run(cfg, command, os.environ)
+    return app.run(cfg, command, os.environ)

@@ -88,6 +88,9 @@ class VaultConfig:
 class ProcessConfig:
     scrub_env: tuple[str, ...] = ()
     allow_root: bool = False
+    supervise: bool = False  # stay as PID 1 and supervise the app even without leases
+    stop_signal: int = 15  # SIGTERM
+    stop_timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -215,9 +218,31 @@ def _parse_process(t: "_Table") -> ProcessConfig:
     for name in scrub:
         if not _ENV_NAME.fullmatch(name.removesuffix("*")):
             t.fail("scrub_env", f"{name!r} is not a variable name (or PREFIX*)")
-    out = ProcessConfig(scrub_env=tuple(scrub), allow_root=t.boolean("allow_root", False))
+    d = ProcessConfig()
+    stop_signal = d.stop_signal
+    signal_name = t.string("stop_signal")
+    if signal_name is not None:
+        stop_signal = _checked(t, "stop_signal", lambda: parse_signal(signal_name))
+    out = ProcessConfig(
+        scrub_env=tuple(scrub),
+        allow_root=t.boolean("allow_root", d.allow_root),
+        supervise=t.boolean("supervise", d.supervise),
+        stop_signal=stop_signal,
+        stop_timeout=t.duration("stop_timeout", d.stop_timeout),
+    )
     t.finish()
     return out
+
+
+def parse_signal(name: str) -> int:
+    """A signal by name, with or without SIG: "SIGHUP", "HUP"."""
+    import signal
+
+    full = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+    number = getattr(signal.Signals, full, None) if full.isidentifier() else None
+    if number is None or full in ("SIGKILL", "SIGSTOP", "SIGCHLD"):
+        raise ConfigError(f"{name!r} is not a signal that can be sent to stop or reload an app")
+    return int(number)
 
 
 def _parse_secret(t: "_Table", output: OutputConfig) -> SecretSpec:

@@ -1,0 +1,188 @@
+"""The supervisor: the ONLY code that starts, signals or waits for processes.
+
+It starts the app with dropped privileges in its own process group, forwards signals to
+that group, reaps every child (orphaned grandchildren included: it is PID 1 or a child
+subreaper), and stops what is left of the group when the app is gone. Signal handlers only
+enqueue; the caller's loop decides what to do.
+"""
+
+import errno
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from queue import SimpleQueue
+
+import structlog
+
+from secret_init.errors import ExitCode, PermissionRefusedError, SecretInitError
+from secret_init.execute import resolve_command
+from secret_init.privileges import AppUser
+
+log = structlog.get_logger()
+
+FORWARDED = (
+    signal.SIGTERM,
+    signal.SIGINT,
+    signal.SIGHUP,
+    signal.SIGQUIT,
+    signal.SIGUSR1,
+    signal.SIGUSR2,
+    signal.SIGWINCH,
+)
+PR_SET_CHILD_SUBREAPER = 36
+_POLL = 0.02
+
+
+@dataclass(frozen=True)
+class SignalEvent:
+    signum: int
+
+
+def exit_code(status: int) -> int:
+    """A wait status as a shell would report it: the exit code, or 128+N for signal N."""
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+class Supervisor:
+    def __init__(self, events: "SimpleQueue[object]", clock: Callable[[], float] = time.monotonic) -> None:
+        self.events = events
+        self.clock = clock
+        self.pid: int | None = None  # the app; also its process group id
+        self.exit_status: int | None = None  # wait status of the app once reaped
+
+    def install(self) -> None:
+        """Handle every forwarded signal and SIGCHLD; become the reaper of orphaned descendants."""
+        from secret_init.privileges import _prctl
+
+        _prctl(PR_SET_CHILD_SUBREAPER, 1, "PR_SET_CHILD_SUBREAPER")
+        for signum in (*FORWARDED, signal.SIGCHLD):
+            signal.signal(signum, self._enqueue)
+
+    def _enqueue(self, signum: int, _frame: object) -> None:
+        self.events.put(SignalEvent(signum))  # SimpleQueue.put is safe in a signal handler
+
+    # -- starting ---------------------------------------------------------------------
+
+    def start(self, argv: list[str], env: Mapping[str, str], user: AppUser | None) -> int:
+        """Start the app as `user` (None: as ourselves) in a new process group."""
+        path = resolve_command(argv[0], env.get("PATH", os.defpath))
+        try:
+            proc = subprocess.Popen(
+                [path, *argv[1:]],
+                env=dict(env),
+                close_fds=True,
+                process_group=0,
+                user=user.uid if user else None,
+                group=user.gid if user else None,
+                extra_groups=list(user.groups) if user else None,
+            )
+        except FileNotFoundError:
+            raise SecretInitError(f"command {argv[0]!r} not found", ExitCode.NOT_FOUND) from None
+        except PermissionError as e:
+            raise SecretInitError(f"command {argv[0]!r}: {e.strerror}", ExitCode.NOT_EXECUTABLE) from None
+        # This module owns all waiting: Popen must never reap behind our back.
+        proc.returncode = 0
+        self.pid, self.exit_status = proc.pid, None
+        if user is not None:
+            self._verify_credentials(proc.pid, user)
+        log.info("app started", pid=proc.pid, argv0=argv[0], uid=user.uid if user else os.geteuid())
+        return int(proc.pid)
+
+    def _verify_credentials(self, pid: int, user: AppUser) -> None:
+        try:
+            with open(f"/proc/{pid}/status", "rb") as f:
+                status = dict(line.split(b":", 1) for line in f.read().splitlines() if b":" in line)
+            uids = status[b"Uid"].split()
+            gids = status[b"Gid"].split()
+            groups = {int(g) for g in status[b"Groups"].split()}
+        except (OSError, KeyError, ValueError):
+            return  # the app already exited; nothing left to verify
+        if {int(u) for u in uids} != {user.uid} or {int(g) for g in gids} != {user.gid} or groups != set(user.groups):
+            self.kill_group(signal.SIGKILL)
+            raise PermissionRefusedError(f"app pid {pid} does not run as uid {user.uid} gid {user.gid}; killed it")
+
+    # -- signals and waiting ----------------------------------------------------------------
+
+    def forward(self, signum: int) -> None:
+        log.info("signal forwarded", signal=signal.Signals(signum).name, pid=self.pid)
+        self.kill_group(signum)
+
+    def kill_group(self, signum: int) -> bool:
+        """Signal the app's process group; False when nothing is left in it."""
+        if self.pid is None:
+            return False
+        try:
+            os.killpg(self.pid, signum)
+        except ProcessLookupError:
+            return False
+        return True
+
+    def reap(self) -> bool:
+        """Reap every exited child; True when the app itself was among them."""
+        app_exited = False
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return app_exited
+            if pid == 0:
+                return app_exited
+            if pid == self.pid:
+                self.exit_status = status
+                app_exited = True
+                log.info("app exited", pid=pid, exit_code=exit_code(status))
+            else:
+                log.debug("reaped", pid=pid, exit_code=exit_code(status))
+
+    def stop_app(self, signum: int, timeout: float) -> int:
+        """Stop the app (signal, wait up to timeout, SIGKILL) and return its wait status."""
+        self.kill_group(signum)
+        if not self._wait_app(timeout):
+            log.warning("app did not stop in time, killing it", pid=self.pid, stop_timeout=timeout)
+            self.kill_group(signal.SIGKILL)
+            self._wait_app(None)
+        assert self.exit_status is not None
+        return self.exit_status
+
+    def _wait_app(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else self.clock() + timeout
+        while self.exit_status is None:
+            if not self.reap() and self.exit_status is None:
+                if deadline is not None and self.clock() >= deadline:
+                    return False
+                time.sleep(_POLL)
+        return True
+
+    def stop_leftovers(self, timeout: float) -> None:
+        """After the app exited: SIGTERM what is left of its group, wait, then SIGKILL."""
+        if not self.kill_group(signal.SIGTERM):
+            self.reap()
+            return
+        deadline = self.clock() + timeout
+        while self.clock() < deadline:
+            self.reap()
+            if not self._group_alive():
+                return
+            time.sleep(_POLL)
+        log.warning("processes left in the app's group after stop_timeout, killing them", pgid=self.pid)
+        self.kill_group(signal.SIGKILL)
+        while self._group_alive():
+            self.reap()
+            time.sleep(_POLL)
+        self.reap()
+
+    def _group_alive(self) -> bool:
+        if self.pid is None:
+            return False
+        try:
+            os.killpg(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except OSError as e:
+            return e.errno != errno.ESRCH
+        # Zombies still count for killpg; once reaped, the group is gone.
+        return True
