@@ -1,7 +1,6 @@
 """The one-shot flow, top to bottom: user -> filesystem -> sources -> sink -> drop -> exec."""
 
 import os
-import signal
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -22,52 +21,35 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True)
+@dataclass
 class Materialized:
     user: AppUser
     materials: list[Material]
     written: list[WriteResult]
+    sink: Sink
+    owners: dict[str, Owner]
+    client: "VaultClient | None" = None  # kept only when the caller asked for it
+
+    @property
+    def leased(self) -> bool:
+        return any(m.lease for m in self.materials)
 
 
 def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> int:
-    """Materialize, then exec the app as its user, or start it and supervise it."""
-    done = materialize(cfg, environ, for_app=True)
+    """Materialize, then exec the app as its user; or, with leases or `supervise`, supervise it."""
+    done = materialize(cfg, environ, for_app=True, keep_client=True)
     file_vars = {s.env: cfg.file_path(s) for s in cfg.secrets if s.env}
     user_env = done.user.environment() if privileges.is_root() else {}
     values = [m.value.reveal() for m in done.materials]
     env = execute.child_environment(environ, cfg.process.scrub_env, user_env, file_vars, values)
-    if cfg.process.supervise:
-        return supervise(cfg, command, env, done.user if privileges.is_root() else None)
+    if cfg.process.supervise or done.leased:
+        from secret_init.loop import Supervised
+
+        return Supervised(cfg, done, command, env).run()
+    if done.client is not None:
+        done.client.revoke_own_token()
     privileges.drop(done.user)
     execute.exec_app(command, env)
-
-
-def supervise(cfg: Config, command: list[str], env: Mapping[str, str], user: AppUser | None) -> int:
-    """Stay resident: forward signals, reap, and exit with the app's status (128+N for signal N)."""
-    from queue import Empty, SimpleQueue
-
-    from secret_init.supervisor import SignalEvent, Supervisor, exit_code
-
-    events: SimpleQueue[object] = SimpleQueue()
-    supervisor = Supervisor(events)
-    supervisor.install()
-    privileges.set_no_new_privs()  # inherited by the app
-    supervisor.start(command, env, user)
-    while supervisor.exit_status is None:
-        try:
-            event = events.get(timeout=1.0)
-        except Empty:
-            supervisor.reap()  # a lost SIGCHLD must not leave a zombie
-            continue
-        if isinstance(event, SignalEvent):
-            if event.signum == signal.SIGCHLD:
-                supervisor.reap()
-            else:
-                supervisor.forward(event.signum)
-    supervisor.stop_leftovers(cfg.process.stop_timeout)
-    code = exit_code(supervisor.exit_status)
-    log.info("supervisor exiting", exit_code=code)
-    return code
 
 
 def render(cfg: Config, environ: Mapping[str, str]) -> None:
@@ -76,7 +58,7 @@ def render(cfg: Config, environ: Mapping[str, str]) -> None:
     log.info("render done", files=len(done.written), changed=changed)
 
 
-def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool) -> Materialized:
+def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_client: bool = False) -> Materialized:
     """Read every secret, then write them all; nothing is written if any read fails."""
     user = app_user(cfg, for_app)
     owners = {s.name: file_owner(s, user) for s in cfg.secrets}
@@ -94,15 +76,20 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool) -> Mater
             materials += read_vault(client, vault_specs, cfg.output.max_secret_size)
         order = {s.name: i for i, s in enumerate(cfg.secrets)}
         materials.sort(key=lambda m: order[m.spec.name])
-        files = [OutputFile(m.spec.name, m.value, m.spec.mode, owners[m.spec.name]) for m in materials]
-        written = sink.write(files)
+        written = sink.write(output_files(materials, owners))
     except BaseException:
         if client is not None:
             client.revoke_own_token()  # any lease created so far dies with it
         raise
-    if client is not None:
-        _release_token(client, materials)
-    return Materialized(user, materials, written)
+    done = Materialized(user, materials, written, sink, owners, client)
+    if client is not None and not keep_client:
+        _release_token(client, done)
+        done.client = None
+    return done
+
+
+def output_files(materials: list[Material], owners: Mapping[str, Owner]) -> list[OutputFile]:
+    return [OutputFile(m.spec.name, m.value, m.spec.mode, owners[m.spec.name]) for m in materials]
 
 
 def app_user(cfg: Config, for_app: bool) -> AppUser:
@@ -140,10 +127,10 @@ def _vault_login(cfg: Config, environ: Mapping[str, str]) -> "VaultClient":
     return client
 
 
-def _release_token(client: "VaultClient", materials: list[Material]) -> None:
-    leased = sorted({m.lease.lease_id for m in materials if m.lease})
+def _release_token(client: "VaultClient", done: Materialized) -> None:
+    leased = sorted({m.lease.lease_id for m in done.materials if m.lease})
     if leased:
         # The leases die with the token, so it must outlive this process.
-        log.warning("leased secrets will not be renewed after exec; they expire with their TTL", leases=leased)
+        log.warning("leased secrets are not renewed after render; they expire with their TTL", leases=leased)
     else:
         client.revoke_own_token()

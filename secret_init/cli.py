@@ -45,11 +45,16 @@ def build_parser() -> _Parser:
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     commands.add_parser("render", parents=[common], help="materialize, then exit 0")
     commands.add_parser("check", parents=[common], help="validate config, user, filesystem and Vault access")
+    commands.add_parser(
+        "health", parents=[common], help="exit 0 when every file exists and no lease is overdue (no Vault call)"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "health":
+        return _health(args)  # fast: no logging setup, no Vault
     from secret_init import logs
 
     logs.configure(getattr(args, "log_format", None), getattr(args, "log_level", "info"))
@@ -66,6 +71,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         log.error("internal error", error=f"{type(e).__name__}: {e}", exc_info=True, exit_code=int(ExitCode.SOFTWARE))
         return int(ExitCode.SOFTWARE)
+
+
+def _health(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from secret_init import config, status
+    from secret_init.sink import STATUS_DIR
+
+    try:
+        cfg = config.load(config.config_path(getattr(args, "config", None), os.environ), os.environ)
+    except SecretInitError as e:
+        print(f"unhealthy: {e}")
+        return 1
+    doc = None
+    try:
+        with open(f"{cfg.output.dir}/{STATUS_DIR}/{status.STATUS_FILE}", "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        pass  # a one-shot run keeps no status: the files are all there is to check
+    except (OSError, ValueError) as e:
+        print(f"unhealthy: status file unreadable: {e}")
+        return 1
+    problems = status.problems(cfg, doc, time.time(), os.path.exists)
+    if problems:
+        print(f"unhealthy: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
+        return 1
+    print("healthy")
+    return 0
 
 
 def _dispatch(args: argparse.Namespace) -> int:

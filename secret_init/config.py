@@ -82,6 +82,8 @@ class VaultConfig:
     namespace: str | None = None
     startup_timeout: float = 30.0
     request_timeout: float = 10.0
+    refresh_interval: float = 300.0
+    revoke_on_exit: bool = True
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,10 @@ class ProcessConfig:
     supervise: bool = False  # stay as PID 1 and supervise the app even without leases
     stop_signal: int = 15  # SIGTERM
     stop_timeout: float = 10.0
+    rotate_before: float | None = None  # None: 1/3 of each lease's whole lifetime
+    on_rotate: str = "restart"  # "restart", "signal", or "none"
+    rotate_signal: int = 1  # for on_rotate = "signal:NAME"; SIGHUP
+    on_expiry: str = "stop"  # "stop" (exit 75) or "keep"
 
 
 @dataclass(frozen=True)
@@ -198,7 +204,11 @@ def _parse_vault(t: "_Table", environ: Mapping[str, str]) -> VaultConfig:
         namespace=_explicit_or_env(t.string("namespace"), environ.get("VAULT_NAMESPACE")),
         startup_timeout=t.duration("startup_timeout", d.startup_timeout),
         request_timeout=t.duration("request_timeout", d.request_timeout),
+        refresh_interval=t.duration("refresh_interval", d.refresh_interval),
+        revoke_on_exit=t.boolean("revoke_on_exit", d.revoke_on_exit),
     )
+    if out.refresh_interval < 1:
+        t.fail("refresh_interval", "must be at least 1s")
     if auth == "approle" and out.role_id_file is None:
         t.fail("role_id_file", 'is required when auth = "approle"')
     if out.request_timeout <= 0:
@@ -223,12 +233,33 @@ def _parse_process(t: "_Table") -> ProcessConfig:
     signal_name = t.string("stop_signal")
     if signal_name is not None:
         stop_signal = _checked(t, "stop_signal", lambda: parse_signal(signal_name))
+    on_rotate, rotate_signal = d.on_rotate, d.rotate_signal
+    on_rotate_text = t.string("on_rotate")
+    if on_rotate_text is not None:
+        on_rotate = on_rotate_text
+        if on_rotate_text.startswith("signal:"):
+            on_rotate = "signal"
+            rotate_signal = _checked(t, "on_rotate", lambda: parse_signal(on_rotate_text.removeprefix("signal:")))
+        elif on_rotate_text not in ("restart", "none"):
+            t.fail("on_rotate", f'must be "restart", "signal:NAME" or "none", not {on_rotate_text!r}')
+    on_expiry = t.string("on_expiry") or d.on_expiry
+    if on_expiry not in ("stop", "keep"):
+        t.fail("on_expiry", f'must be "stop" or "keep", not {on_expiry!r}')
+    rotate_before = None
+    if t.data.get("rotate_before") is not None:
+        rotate_before = t.duration("rotate_before", 0.0)
+        if rotate_before <= 0:
+            t.fail("rotate_before", "must be more than zero")
     out = ProcessConfig(
         scrub_env=tuple(scrub),
         allow_root=t.boolean("allow_root", d.allow_root),
         supervise=t.boolean("supervise", d.supervise),
         stop_signal=stop_signal,
         stop_timeout=t.duration("stop_timeout", d.stop_timeout),
+        rotate_before=rotate_before,
+        on_rotate=on_rotate,
+        rotate_signal=rotate_signal,
+        on_expiry=on_expiry,
     )
     t.finish()
     return out

@@ -16,6 +16,7 @@ class ExitCode(IntEnum):
     UNAVAILABLE = 69  # Vault unreachable, sealed or overloaded past startup_timeout
     SOFTWARE = 70  # a bug in secret-init
     CANT_CREATE = 73  # an output file could not be written (disk full, I/O error)
+    TEMPFAIL = 75  # a lease expired before it could be rotated (on_expiry = "stop")
     NO_PERMISSION = 77  # non-tmpfs dir, chown refused, root refused, Vault denied
     CONFIG = 78  # malformed or inconsistent configuration
     NOT_EXECUTABLE = 126

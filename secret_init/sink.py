@@ -27,6 +27,7 @@ log = structlog.get_logger()
 
 TEMP_PREFIX = ".si-tmp-"
 DIR_MODE = 0o750
+STATUS_DIR = ".secret-init"
 
 
 @dataclass(frozen=True)
@@ -138,22 +139,7 @@ class Sink:
         then the files renamed before it are already new.
         """
         with self._locked_dir() as dfd:
-            staged: list[tuple[OutputFile, str]] = []
-            try:
-                for f in files:
-                    if not _is_current(f, dfd):
-                        staged.append((f, self._stage(f, dfd)))
-                for f, temp in staged:
-                    os.replace(temp, f.name, src_dir_fd=dfd, dst_dir_fd=dfd)
-            except BaseException as e:
-                for _, temp in staged:
-                    _unlink_quietly(temp, dfd)
-                if isinstance(e, OSError):
-                    raise WriteError(f"output dir {self.dir}: {e.strerror or e}") from None
-                raise
-            finally:
-                _fsync_quietly(dfd)
-        changed = {f.name for f, _ in staged}
+            changed = self._write_set(files, dfd)
         results = []
         for f in files:
             path = f"{self.dir}/{f.name}"
@@ -161,6 +147,46 @@ class Sink:
             log.info(event, path=path, mode=f"{f.mode:04o}", uid=f.owner.uid, gid=f.owner.gid)
             results.append(WriteResult(f.name, path, f.name in changed))
         return results
+
+    def write_status(self, name: str, data: bytes, owner: Owner) -> None:
+        """Write `.secret-init/NAME` (0440, readable by the app's group) the same atomic way."""
+        with self._locked_dir() as dfd:
+            try:
+                os.mkdir(STATUS_DIR, DIR_MODE, dir_fd=dfd)
+            except FileExistsError:
+                pass
+            except OSError as e:
+                raise WriteError(f"{self.dir}/{STATUS_DIR}: {e.strerror}") from None
+            try:
+                sfd = os.open(STATUS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+            except OSError as e:
+                raise PermissionRefusedError(f"{self.dir}/{STATUS_DIR}: {e.strerror}") from None
+            try:
+                if os.geteuid() == 0:
+                    os.fchown(sfd, 0, owner.gid)
+                os.fchmod(sfd, DIR_MODE)
+                self._write_set([OutputFile(name, Hidden(data), 0o440, owner)], sfd)
+            finally:
+                os.close(sfd)
+
+    def _write_set(self, files: Sequence[OutputFile], dfd: int) -> set[str]:
+        """Stage every changed file in the directory `dfd`, then rename them all; the changed names."""
+        staged: list[tuple[OutputFile, str]] = []
+        try:
+            for f in files:
+                if not _is_current(f, dfd):
+                    staged.append((f, self._stage(f, dfd)))
+            for f, temp in staged:
+                os.replace(temp, f.name, src_dir_fd=dfd, dst_dir_fd=dfd)
+        except BaseException as e:
+            for _, temp in staged:
+                _unlink_quietly(temp, dfd)
+            if isinstance(e, OSError):
+                raise WriteError(f"output dir {self.dir}: {e.strerror or e}") from None
+            raise
+        finally:
+            _fsync_quietly(dfd)
+        return {f.name for f, _ in staged}
 
     def _stage(self, f: OutputFile, dfd: int) -> str:
         temp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"

@@ -6,6 +6,7 @@ subreaper), and stops what is left of the group when the app is gone. Signal han
 enqueue; the caller's loop decides what to do.
 """
 
+import contextlib
 import errno
 import os
 import signal
@@ -110,6 +111,13 @@ class Supervisor:
     def forward(self, signum: int) -> None:
         log.info("signal forwarded", signal=signal.Signals(signum).name, pid=self.pid)
         self.kill_group(signum)
+
+    def signal_app(self, signum: int) -> None:
+        """Signal the app process alone (a reload), not its children."""
+        if self.pid is not None and self.exit_status is None:
+            log.info("app signalled", signal=signal.Signals(signum).name, pid=self.pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
 
     def kill_group(self, signum: int) -> bool:
         """Signal the app's process group; False when nothing is left in it."""

@@ -5,7 +5,9 @@ for hvac and requests. Every token, role_id and secret_id is registered for reda
 before it is used, and no error message built here quotes one.
 """
 
+import math
 import re
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -62,6 +64,16 @@ _STATUS_OF = {
     hvac_errors.VaultDown: 503,
 }
 _MAX_CREDENTIAL_FILE = 64 * 1024
+
+
+PROBE_INCREMENT = 10**9  # seconds; Vault caps it at the max TTL, which is what we want to know
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    ttl: float
+    renewable: bool
+    max_remaining: float  # until the token's max TTL; inf for a token that never expires
 
 
 @dataclass(frozen=True)
@@ -121,6 +133,7 @@ class VaultClient:
         self._sleep = sleep
         self._deadline = clock() + cfg.startup_timeout
         self.owns_token = False  # True when this process logged in and so may revoke
+        self._lock = threading.RLock()  # the renewer thread and the main loop share one session
         verify: bool | str = cfg.ca_cert or True
         # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token behind our back.
         self.client = hvac.Client(
@@ -128,6 +141,10 @@ class VaultClient:
         )
         if cfg.addr.startswith("http://") and not _is_loopback(cfg.addr):
             log.warning("vault address is plain http; tokens and secrets cross the network unencrypted", addr=cfg.addr)
+
+    def end_startup(self) -> None:
+        """From now on each request is tried once: the renewer keeps its own schedule."""
+        self._deadline = -math.inf
 
     # -- authentication ---------------------------------------------------------
 
@@ -210,6 +227,48 @@ class VaultClient:
         data = response.get("data") or response
         return {p: list(data.get(p) or []) for p in paths}
 
+    # -- leases and the token ---------------------------------------------------------
+
+    def lease_max_remaining(self, lease_id: str, duration: float) -> float:
+        """Seconds until the lease's max TTL.
+
+        Vault does not say it, so this asks once for a renewal it must cap, then renews
+        back to the lease's own duration: the lease is long-lived only for that instant.
+        """
+        try:
+            probe = self._call("lease max TTL probe", lambda: self.client.sys.renew_lease(lease_id, PROBE_INCREMENT))
+            self.renew_lease(lease_id, duration)
+        except SecretInitError as e:
+            log.warning("could not learn the lease's max TTL; assuming its TTL", lease_id=lease_id, error=str(e))
+            return duration
+        return float(probe["lease_duration"])
+
+    def renew_lease(self, lease_id: str, increment: float) -> float:
+        response = self._call(
+            f"renewal of {lease_id}", lambda: self.client.sys.renew_lease(lease_id, max(1, int(increment)))
+        )
+        return float(response["lease_duration"])
+
+    def revoke_lease(self, lease_id: str) -> None:
+        self._call(f"revoke of {lease_id}", lambda: self.client.sys.revoke_lease(lease_id))
+        log.info("lease revoked", lease_id=lease_id)
+
+    def token_info(self) -> TokenInfo:
+        data = self._call("token lookup-self", lambda: self.client.auth.token.lookup_self())["data"]
+        ttl = float(data.get("ttl") or 0)
+        if ttl == 0:
+            return TokenInfo(0, False, math.inf)  # a root or periodic-less token that never expires
+        if not data.get("renewable"):
+            return TokenInfo(ttl, False, ttl)
+        increment = float(data.get("creation_ttl") or ttl)
+        probe = self._call("token max TTL probe", lambda: self.client.auth.token.renew_self(increment=PROBE_INCREMENT))
+        back = self.renew_token(increment)
+        return TokenInfo(back, True, float(probe["auth"]["lease_duration"]))
+
+    def renew_token(self, increment: float) -> float:
+        response = self._call("token renew-self", lambda: self.client.auth.token.renew_self(increment=int(increment)))
+        return float(response["auth"]["lease_duration"])
+
     # -- retries and error mapping ------------------------------------------------
 
     def _call(self, what: str, fn: Callable[[], T], is_login: bool = False) -> T:
@@ -235,7 +294,8 @@ class VaultClient:
             reraise=True,
         )
         try:
-            return retrying(attempt)
+            with self._lock:
+                return retrying(attempt)
         except SecretInitError:
             raise
         except Exception as e:
@@ -249,8 +309,7 @@ class VaultClient:
         reason = describe(exc)
         if is_transient(exc, idempotent=not is_login):
             return VaultUnavailableError(
-                f"vault at {self.addr} unavailable: {what} failed {attempts} time(s) "
-                f"within startup_timeout {self.cfg.startup_timeout:g}s; last error: {reason}"
+                f"vault at {self.addr} unavailable: {what} failed {attempts} time(s); last error: {reason}"
             )
         if isinstance(exc, hvac_errors.Forbidden | hvac_errors.Unauthorized):
             return PermissionRefusedError(f"vault at {self.addr}: {what} denied: {reason}")

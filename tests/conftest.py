@@ -219,6 +219,7 @@ class Bao:
     root_token: str
     audit_log: Path
     client: Any  # hvac.Client with the root token
+    pid: int
 
     def approle_credentials(self, role: str, directory: Path) -> tuple[Path, Path, str]:
         """role_id and secret_id files for an AppRole role, as Swarm would deliver them."""
@@ -247,6 +248,8 @@ APP_POLICY = """
 path "secret/data/app/*" { capabilities = ["read"] }
 path "kv1/app/*" { capabilities = ["read"] }
 path "secret/data/forbidden/*" { capabilities = ["deny"] }
+path "database/creds/*" { capabilities = ["read"] }
+path "sys/leases/revoke" { capabilities = ["update"] }
 """
 
 
@@ -292,7 +295,7 @@ def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
         client.auth.approle.create_or_update_approle(
             "app", token_policies=["app-read"], token_ttl="60s", token_max_ttl="120s"
         )
-        yield Bao(addr, token, state / "audit.log", client)
+        yield Bao(addr, token, state / "audit.log", client, server.pid)
     finally:
         stop_bao(server)
 
@@ -309,3 +312,107 @@ def wait_ready(client: Any, server: subprocess.Popen[bytes], log: Path) -> None:
             pass
         time.sleep(0.05)
     raise RuntimeError("bao server did not become ready in 30 s")
+
+
+# -- a real PostgreSQL, and OpenBao's database engine in front of it ----------------------
+
+
+@dataclass
+class Postgres:
+    port: int
+    password: str
+    bin_dir: Path
+    socket_dir: Path
+
+    def sql(self, query: str) -> str:
+        """Run SQL as the superuser over the private unix socket."""
+        result = subprocess.run(
+            ["runuser", "-u", "postgres", "--", str(self.bin_dir / "psql"), "-h", str(self.socket_dir),
+             "-p", str(self.port), "-U", "postgres", "-d", "postgres", "-tAc", query],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return result.stdout.strip()
+
+    def roles(self, prefix: str = "v-") -> set[str]:
+        return {r for r in self.sql("select rolname from pg_roles").splitlines() if r.startswith(prefix)}
+
+
+def _postgres_bin() -> Path | None:
+    candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    return candidates[-1].parent if candidates else None
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    """A throwaway cluster on 127.0.0.1, run as the postgres user (initdb refuses root)."""
+    bin_dir = _postgres_bin()
+    if not IS_ROOT or bin_dir is None:
+        pytest.skip("needs root and Debian's postgresql package (scripts/bootstrap installs it)")
+    base = Path(tempfile.mkdtemp(prefix="si-pg-", dir="/tmp"))
+    shutil.chown(base, "postgres")
+    password = secrets.token_hex(16)
+    pwfile = base / "pw"
+    pwfile.write_text(password)
+    shutil.chown(pwfile, "postgres")
+    as_pg = ["runuser", "-u", "postgres", "--"]
+    subprocess.run(
+        [*as_pg, str(bin_dir / "initdb"), "-D", str(base / "data"), "-U", "postgres", f"--pwfile={pwfile}",
+         "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    port = free_port()
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={base} -c fsync=off"
+    subprocess.run(
+        [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "log"), "-w", "-o", options,
+         "start"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    try:
+        yield Postgres(port, password, bin_dir, base)
+    finally:
+        subprocess.run(
+            [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(base / "data"), "-m", "immediate", "stop"],
+            check=False, capture_output=True,
+        )  # fmt: skip
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class Database:
+    bao: Bao
+    pg: Postgres
+
+    def role(self, default_ttl: str, max_ttl: str) -> str:
+        """A fresh database/roles/NAME with these TTLs; returns the creds path."""
+        name = f"r{secrets.token_hex(4)}"
+        self.bao.client.write(
+            f"database/roles/{name}",
+            db_name="pg",
+            default_ttl=default_ttl,
+            max_ttl=max_ttl,
+            creation_statements=["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' "
+                                 "VALID UNTIL '{{expiration}}';"],
+        )  # fmt: skip
+        return f"database/creds/{name}"
+
+    def leases(self, creds_path: str) -> list[str]:
+        try:
+            keys = self.bao.client.sys.list_leases(creds_path)["data"]["keys"]
+        except Exception:  # hvac raises InvalidPath when there are none
+            return []
+        return [f"{creds_path}/{k}" for k in keys]
+
+
+@pytest.fixture(scope="session")
+def database(bao: Bao, postgres: Postgres) -> Database:
+    """OpenBao's database secrets engine at database/, connected to the throwaway cluster."""
+    bao.client.sys.enable_secrets_engine("database", path="database")
+    bao.client.write(
+        "database/config/pg",
+        plugin_name="postgresql-database-plugin",
+        allowed_roles="*",
+        connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{postgres.port}/postgres?sslmode=disable",
+        username="postgres",
+        password=postgres.password,
+    )
+    return Database(bao, postgres)

@@ -1,0 +1,262 @@
+"""The one loop of a resident secret-init: events in, decisions out.
+
+Signals (from the supervisor's handlers) and Rotate / Refresh / Expired (from the renewer
+thread) arrive on one queue. Only this loop acts on them. Each rotation runs in order:
+1. read the path again;
+2. write the changed files;
+3. restart or signal the app;
+4. only then revoke the old lease.
+"""
+
+import os
+import signal
+import time
+from collections.abc import Mapping
+from queue import Empty, SimpleQueue
+from typing import TYPE_CHECKING
+
+import structlog
+
+from secret_init import privileges, status
+from secret_init.app import Materialized, output_files
+from secret_init.config import Config
+from secret_init.errors import ExitCode, SecretInitError
+from secret_init.model import Lease, Material
+from secret_init.renewal import Expired, Refresh, Renewer, Rotate, rotate_at
+from secret_init.sink import Owner
+from secret_init.supervisor import SignalEvent, Supervisor, exit_code
+
+if TYPE_CHECKING:
+    from secret_init.vault import VaultClient
+
+log = structlog.get_logger()
+
+TICK = 1.0  # reap and refresh status.json at least this often
+
+
+class Supervised:
+    def __init__(self, cfg: Config, done: Materialized, command: list[str], env: Mapping[str, str]) -> None:
+        self.cfg = cfg
+        self.done = done
+        self.command = command
+        self.env = env
+        self.events: SimpleQueue[object] = SimpleQueue()
+        self.supervisor = Supervisor(self.events)
+        self.client: VaultClient | None = done.client
+        self.renewer: Renewer | None = None
+        self.materials = {m.spec.name: m for m in done.materials}
+        self.leases: dict[str, Lease] = {m.spec.source.path: m.lease for m in done.materials if m.lease}
+        self.created: set[str] = set(lease.lease_id for lease in self.leases.values())
+        self.last_rotation: dict[str, float] = {}
+        self.forced_exit: int | None = None
+        self.stopping = False
+        self._last_status: dict[str, object] = {}
+
+    @property
+    def app_user(self) -> privileges.AppUser | None:
+        return self.done.user if privileges.is_root() else None
+
+    # -- the loop -----------------------------------------------------------------------
+
+    def run(self) -> int:
+        self.supervisor.install()
+        privileges.set_no_new_privs()  # inherited by the app
+        self._start_renewer()
+        self.supervisor.start(self.command, self.env, self.app_user)
+        try:
+            self._write_status()
+            while self.supervisor.exit_status is None:
+                try:
+                    event = self.events.get(timeout=TICK)
+                except Empty:
+                    self.supervisor.reap()  # a lost SIGCHLD must not leave a zombie
+                    self._write_status()
+                    continue
+                self._handle(event)
+        finally:
+            if self.supervisor.exit_status is None:  # leaving on an error: the app goes too
+                self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
+            self.supervisor.stop_leftovers(self.cfg.process.stop_timeout)
+            self._shutdown_vault()
+            self._write_status(state="stopped")
+        assert self.supervisor.exit_status is not None
+        code = self.forced_exit if self.forced_exit is not None else exit_code(self.supervisor.exit_status)
+        log.info("supervisor exiting", exit_code=code)
+        return code
+
+    def _handle(self, event: object) -> None:
+        if isinstance(event, SignalEvent):
+            if event.signum == signal.SIGCHLD:
+                self.supervisor.reap()
+                return
+            if event.signum in (signal.SIGTERM, signal.SIGINT):
+                self.stopping = True
+            self.supervisor.forward(event.signum)
+        elif self.stopping:
+            return  # no rotation starts once the app is being stopped
+        elif isinstance(event, Rotate):
+            self._rotate(event.path, event.reason)
+        elif isinstance(event, Refresh):
+            self._refresh(event.path)
+        elif isinstance(event, Expired):
+            self._expired(event.path)
+        self._write_status()
+
+    # -- vault ------------------------------------------------------------------------------
+
+    def _start_renewer(self) -> None:
+        if self.client is None:
+            return
+        self.client.end_startup()
+        self.renewer = Renewer(
+            self.client,
+            self.events.put,
+            self.cfg.process.rotate_before,
+            self.cfg.vault.refresh_interval,
+        )
+        self.renewer.learn_token()
+        for path, lease in self.leases.items():
+            self.renewer.track(path, lease.lease_id, lease.duration, lease.renewable)
+        for path in self._vault_paths():
+            if path not in self.leases:
+                self.renewer.watch_static(path)
+        self.renewer.start()
+
+    def _vault_paths(self) -> list[str]:
+        return sorted({s.source.path for s in self.cfg.secrets if s.source.kind == "vault"})
+
+    def _read(self, path: str, why: str) -> list[Material] | None:
+        from secret_init.sources.vault import read_vault
+
+        assert self.client is not None
+        specs = [s for s in self.cfg.secrets if s.source.kind == "vault" and s.source.path == path]
+        try:
+            return read_vault(self.client, specs, self.cfg.output.max_secret_size)
+        except SecretInitError as e:
+            log.warning("vault read failed", path=path, purpose=why, error=str(e))
+            return None
+
+    def _rotate(self, path: str, reason: str) -> None:
+        assert self.renewer is not None and self.client is not None
+        old = self.leases.get(path)
+        fresh = self._read(path, "rotation")
+        if fresh is None:
+            self.renewer.rotation_failed(path)
+            return
+        new = fresh[0].lease
+        try:
+            changed = self._write(fresh)
+        except SecretInitError as e:
+            log.error("rotation could not write files", path=path, error=str(e))
+            if new is not None:
+                self._revoke(new.lease_id)
+            self.renewer.rotation_failed(path)
+            return
+        if new is not None:
+            self.leases[path] = new
+            self.created.add(new.lease_id)
+            self.renewer.track(path, new.lease_id, new.duration, new.renewable)
+        else:
+            self.leases.pop(path, None)
+            self.renewer.forget(path)
+        self.last_rotation[path] = time.time()
+        log.info(
+            "lease rotated",
+            path=path,
+            reason=reason,
+            old_lease=old.lease_id if old else None,
+            new_lease=new.lease_id if new else None,
+        )
+        if changed:
+            self._apply_on_rotate()
+        if old is not None:
+            self._revoke(old.lease_id)
+
+    def _refresh(self, path: str) -> None:
+        assert self.renewer is not None
+        fresh = self._read(path, "refresh")
+        if fresh is not None:
+            try:
+                if self._write(fresh):
+                    log.info("secret changed in vault", path=path)
+                    self._apply_on_rotate()
+            except SecretInitError as e:
+                log.error("refresh could not write files", path=path, error=str(e))
+        self.renewer.refreshed(path)
+
+    def _write(self, fresh: list[Material]) -> bool:
+        for m in fresh:
+            self.materials[m.spec.name] = m
+        written = self.done.sink.write(output_files(fresh, self.done.owners))
+        return any(w.changed for w in written)
+
+    def _revoke(self, lease_id: str) -> None:
+        assert self.client is not None
+        try:
+            self.client.revoke_lease(lease_id)
+            self.created.discard(lease_id)
+        except SecretInitError as e:
+            log.warning("lease revoke failed; it expires by itself", lease_id=lease_id, error=str(e))
+
+    def _expired(self, path: str) -> None:
+        if self.cfg.process.on_expiry == "keep":
+            log.error("credentials expired; on_expiry = keep, so the app keeps running", path=path)
+            return
+        log.error("credentials expired; stopping the app (on_expiry = stop)", path=path)
+        self.forced_exit = int(ExitCode.TEMPFAIL)
+        self.stopping = True
+        self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
+
+    def _shutdown_vault(self) -> None:
+        if self.renewer is not None:
+            self.renewer.stop()
+        if self.client is None:
+            return
+        if self.cfg.vault.revoke_on_exit:
+            for lease_id in sorted(self.created):
+                self._revoke(lease_id)
+        self.client.revoke_own_token()
+
+    # -- the app ------------------------------------------------------------------------------
+
+    def _apply_on_rotate(self) -> None:
+        action = self.cfg.process.on_rotate
+        if action == "none" or self.supervisor.pid is None:
+            return
+        if action == "signal":
+            # The app alone: a reload signal is its to pass on, not its children's to die of.
+            self.supervisor.signal_app(self.cfg.process.rotate_signal)
+            return
+        old_pid = self.supervisor.pid
+        self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
+        self.supervisor.stop_leftovers(self.cfg.process.stop_timeout)
+        new_pid = self.supervisor.start(self.command, self.env, self.app_user)
+        log.info("app restarted", old_pid=old_pid, new_pid=new_pid)
+
+    # -- status ---------------------------------------------------------------------------
+
+    def _write_status(self, state: str = "running") -> None:
+        wall = time.time() - time.monotonic()
+        views = {}
+        if self.renewer is not None:
+            for path, lease in self.renewer.snapshot().items():
+                views[path] = status.LeaseView(
+                    lease_id=lease.lease_id,
+                    expires_at=lease.expires_at + wall,
+                    deadline=lease.deadline + wall,
+                    rotate_at=rotate_at(lease, self.cfg.process.rotate_before) + wall,
+                    last_renewal=lease.last_renewal + wall if lease.last_renewal is not None else None,
+                    rotating=lease.rotating,
+                )
+        doc = status.build(self.cfg, views, self.last_rotation, os.getpid(), self.supervisor.pid, time.time(), state)
+        # Rewrite only on change; updated_at alone does not count.
+        key = {k: v for k, v in doc.items() if k != "updated_at"}
+        if key == self._last_status:
+            return
+        self._last_status = key
+        data = status.encode(doc)
+        owner = Owner(os.geteuid(), self.done.user.gid if privileges.is_root() else os.getegid())
+        try:
+            self.done.sink.write_status(status.STATUS_FILE, data, owner)
+        except SecretInitError as e:
+            log.warning("status.json could not be written", error=str(e))

@@ -1,0 +1,372 @@
+"""Renewal: a pure schedule, and the thread that follows it.
+
+The schedule is Vault's lifetime-watcher rule. After each renewal it sleeps 2/3 of the
+remaining time plus 1/3 of a random 10-20% grace. On errors it backs off with jitter, but
+never past the deadline. A lease's deadline is min(its max TTL, its token's max TTL),
+because a lease dies with the token that created it. When less than `rotate_before` is
+left, or renewal is refused, the thread reports "rotate this path". It never writes files
+or touches processes: the one loop in app.py decides what happens.
+"""
+
+import math
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import structlog
+
+from secret_init.errors import SecretInitError
+
+if TYPE_CHECKING:
+    from secret_init.vault import VaultClient
+
+log = structlog.get_logger()
+
+FAR = math.inf
+ERROR_BACKOFF_START = 1.0
+ERROR_BACKOFF_MAX = 30.0
+# A rotation starts this fraction of rotate_before early, so that the restart itself
+# (read, write, stop, start) still lands rotate_before ahead of the deadline.
+ROTATION_LEAD = 0.2
+
+
+# -- the pure schedule ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    """Everything the schedule knows about one lease. Times are on the injected clock."""
+
+    path: str
+    lease_id: str
+    duration: float  # the lease's TTL as issued; renewals ask for this much again
+    renewable: bool
+    issued_at: float
+    expires_at: float  # the current expiry; renewals move it, up to the deadline
+    deadline: float  # min(max TTL, token max TTL): nothing extends a lease past this
+    grace: float
+    next_renewal: float
+    errors: int = 0
+    rotating: bool = False  # a "rotate" event is out; not reported again until retry_at
+    retry_at: float = FAR
+    last_renewal: float | None = None
+
+    @property
+    def lifetime(self) -> float:
+        return self.deadline - self.issued_at
+
+
+def grace_for(duration: float, rng: random.Random) -> float:
+    """A random 10-20% of the lease duration, as Vault's lifetime watcher uses."""
+    return duration * (0.1 + 0.1 * rng.random())
+
+
+def new_lease(
+    path: str,
+    lease_id: str,
+    duration: float,
+    renewable: bool,
+    now: float,
+    deadline: float,
+    rng: random.Random,
+) -> LeaseState:
+    expires = min(now + duration, deadline)
+    grace = grace_for(duration, rng)
+    return LeaseState(
+        path, lease_id, duration, renewable, now, expires, deadline, grace, renewal_time(now, expires - now, grace)
+    )
+
+
+def renewal_time(now: float, remaining: float, grace: float) -> float:
+    """When to renew next: 2/3 of the remaining time plus 1/3 of the grace."""
+    return now + max(0.0, remaining * 2 / 3 + grace / 3)
+
+
+def rotate_before(lease: LeaseState, configured: float | None) -> float:
+    """How long before the deadline to rotate: configured, or 1/3 of the lease's whole life."""
+    return configured if configured is not None else lease.lifetime / 3
+
+
+def rotate_at(lease: LeaseState, configured: float | None) -> float:
+    return lease.deadline - rotate_before(lease, configured) * (1 + ROTATION_LEAD)
+
+
+def after_renewal(lease: LeaseState, now: float, ttl: float, rng: random.Random) -> LeaseState:
+    expires = min(now + ttl, lease.deadline)
+    grace = grace_for(lease.duration, rng)
+    return replace(
+        lease,
+        expires_at=expires,
+        grace=grace,
+        next_renewal=renewal_time(now, expires - now, grace),
+        errors=0,
+        last_renewal=now,
+    )
+
+
+def after_error(lease: LeaseState, now: float, rng: random.Random) -> LeaseState:
+    """Back off with jitter: 1 s doubling to 30 s, never past the lease's expiry."""
+    errors = lease.errors + 1
+    backoff = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_START * 2 ** (errors - 1)) * (0.5 + rng.random() / 2)
+    return replace(lease, errors=errors, next_renewal=min(now + backoff, max(now, lease.expires_at - 0.1)))
+
+
+def next_wake(lease: LeaseState, configured: float | None) -> float:
+    """The next moment this lease needs attention."""
+    times = [lease.expires_at]
+    if lease.rotating:
+        times.append(lease.retry_at)
+    else:
+        times.append(rotate_at(lease, configured))
+    if lease.renewable and lease.next_renewal < lease.expires_at:
+        times.append(lease.next_renewal)
+    return min(times)
+
+
+# -- the thread -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rotate:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Expired:
+    path: str
+
+
+@dataclass(frozen=True)
+class Refresh:
+    path: str
+
+
+@dataclass
+class TokenState:
+    issued_at: float = 0.0
+    deadline: float = FAR  # its max TTL; FAR for a token that never expires
+    expires_at: float = FAR
+    renewable: bool = False
+    ttl: float = 0.0  # what each renewal asks for
+    next_renewal: float = FAR
+    # AppRole: log in again halfway to the deadline, so that every lease made with this
+    # token (rotated 1/3 of its life before the deadline) is rotated with the next token.
+    next_relogin: float = FAR
+    errors: int = 0
+
+    def next_action(self) -> float:
+        return min(self.next_renewal, self.next_relogin)
+
+
+@dataclass
+class _Shared:
+    leases: dict[str, LeaseState] = field(default_factory=dict)
+    refresh: dict[str, float] = field(default_factory=dict)  # path -> next refresh time
+
+
+class Renewer(threading.Thread):
+    """Keeps leases and the token alive; posts Rotate, Expired and Refresh events."""
+
+    def __init__(
+        self,
+        client: "VaultClient",
+        post: Callable[[object], None],
+        rotate_before: float | None,
+        refresh_interval: float,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        super().__init__(name="secret-init-renewer", daemon=True)
+        self.client = client
+        self.post = post
+        self.configured_rotate_before = rotate_before
+        self.refresh_interval = refresh_interval
+        self.clock = clock
+        self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
+        self.token = TokenState()
+        self._state = _Shared()
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stopping = False
+
+    # -- called from the main loop ---------------------------------------------------------
+
+    def track(self, path: str, lease_id: str, duration: float, renewable: bool) -> LeaseState:
+        """Follow a new lease: learn its deadline, then let the schedule run."""
+        now = self.clock()
+        remaining = self.client.lease_max_remaining(lease_id, duration) if renewable else duration
+        deadline = min(now + remaining, self.token.deadline)
+        lease = new_lease(path, lease_id, duration, renewable, now, deadline, self.rng)
+        with self._lock:
+            self._state.leases[path] = lease
+        self._wake.set()
+        log.info(
+            "lease tracked",
+            path=path,
+            lease_id=lease_id,
+            ttl=round(lease.expires_at - now, 1),
+            deadline_in=round(deadline - now, 1),
+            rotate_before=round(rotate_before(lease, self.configured_rotate_before), 1),
+        )
+        return lease
+
+    def watch_static(self, path: str) -> None:
+        with self._lock:
+            self._state.refresh[path] = self.clock() + self.refresh_interval
+        self._wake.set()
+
+    def refreshed(self, path: str) -> None:
+        self.watch_static(path)
+
+    def rotation_failed(self, path: str) -> None:
+        """Try rotating again after a backoff; the lease keeps its expiry."""
+        now = self.clock()
+        with self._lock:
+            lease = self._state.leases.get(path)
+            if lease is not None:
+                errors = lease.errors + 1
+                delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_START * 2 ** (errors - 1)) * (0.5 + self.rng.random() / 2)
+                self._state.leases[path] = replace(lease, errors=errors, retry_at=now + delay)
+        self._wake.set()
+
+    def forget(self, path: str) -> None:
+        with self._lock:
+            self._state.leases.pop(path, None)
+            self._state.refresh.pop(path, None)
+
+    def snapshot(self) -> dict[str, LeaseState]:
+        with self._lock:
+            return dict(self._state.leases)
+
+    def lease_ids(self) -> list[str]:
+        with self._lock:
+            return [lease.lease_id for lease in self._state.leases.values()]
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wake.set()
+
+    # -- the thread ---------------------------------------------------------------------
+
+    def learn_token(self) -> None:
+        """Learn the current token's deadline; called before the first lease is tracked."""
+        now = self.clock()
+        info = self.client.token_info()
+        self.token = TokenState(
+            issued_at=now,
+            deadline=now + info.max_remaining,
+            expires_at=now + info.ttl,
+            renewable=info.renewable,
+            ttl=info.ttl,
+            next_renewal=renewal_time(now, info.ttl, grace_for(info.ttl, self.rng)) if info.renewable else FAR,
+            next_relogin=now + info.max_remaining / 2 if self.client.owns_token else FAR,
+        )
+        log.info(
+            "token tracked",
+            ttl=info.ttl,
+            renewable=info.renewable,
+            max_remaining=None if info.max_remaining == FAR else round(info.max_remaining, 1),
+        )
+
+    def run(self) -> None:
+        while not self._stopping:
+            now = self.clock()
+            self._tend_token(now)
+            for path in list(self.snapshot()):
+                self._tend_lease(path, now)
+            self._tend_refresh(now)
+            wake = self._next_wake()
+            self._wake.wait(timeout=max(0.0, min(wake - self.clock(), 60.0)))
+            self._wake.clear()
+
+    def _next_wake(self) -> float:
+        times = [self.token.next_action()]
+        with self._lock:
+            times += [next_wake(lease, self.configured_rotate_before) for lease in self._state.leases.values()]
+            times += list(self._state.refresh.values())
+        return min(times)
+
+    def _tend_lease(self, path: str, now: float) -> None:
+        with self._lock:
+            lease = self._state.leases.get(path)
+        if lease is None:
+            return
+        if now >= lease.expires_at:
+            log.error("lease expired before it could be rotated", path=path, lease_id=lease.lease_id)
+            self._update(path, replace(lease, rotating=True, retry_at=FAR, expires_at=FAR))
+            self.post(Expired(path))
+            return
+        due_rotation = now >= rotate_at(lease, self.configured_rotate_before)
+        if lease.rotating:
+            if now >= lease.retry_at:
+                self._update(path, replace(lease, retry_at=FAR))
+                self.post(Rotate(path, "retry after a failed rotation"))
+            return
+        if due_rotation:
+            self._update(path, replace(lease, rotating=True, retry_at=FAR))
+            self.post(Rotate(path, "rotate_before reached"))
+            return
+        if lease.renewable and now >= lease.next_renewal:
+            self._renew(lease, now)
+
+    def _renew(self, lease: LeaseState, now: float) -> None:
+        try:
+            ttl = self.client.renew_lease(lease.lease_id, lease.duration)
+        except SecretInitError as e:
+            if e.exit_code == 69:  # Vault unreachable: keep trying until the deadline
+                log.warning("lease renewal failed, retrying", lease_id=lease.lease_id, error=str(e))
+                self._update(lease.path, after_error(lease, self.clock(), self.rng))
+                return
+            log.warning("lease renewal refused; rotating", lease_id=lease.lease_id, error=str(e))
+            self._update(lease.path, replace(lease, rotating=True, retry_at=FAR))
+            self.post(Rotate(lease.path, "renewal refused"))
+            return
+        renewed = after_renewal(lease, self.clock(), ttl, self.rng)
+        self._update(lease.path, renewed)
+        log.info("lease renewed", lease_id=lease.lease_id, ttl=ttl)
+
+    def _update(self, path: str, lease: LeaseState) -> None:
+        with self._lock:
+            current = self._state.leases.get(path)
+            if current is not None and current.lease_id == lease.lease_id:
+                self._state.leases[path] = lease
+
+    def _tend_token(self, now: float) -> None:
+        token = self.token
+        if now >= token.next_relogin:
+            try:
+                self.client.login()
+                self.learn_token()
+                log.info("token re-login", reason="halfway to the token's max TTL")
+            except SecretInitError as e:
+                token.errors += 1
+                token.next_relogin = now + min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_START * 2 ** (token.errors - 1))
+                log.warning("token re-login failed", error=str(e))
+            return
+        if now < token.next_renewal:
+            return
+        try:
+            ttl = self.client.renew_token(token.ttl)
+        except SecretInitError as e:
+            token.errors += 1
+            delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_START * 2 ** (token.errors - 1))
+            token.next_renewal = min(now + delay, max(now, token.expires_at - 0.1))
+            log.warning("token renewal failed", error=str(e))
+            return
+        now = self.clock()
+        token.errors = 0
+        token.expires_at = min(now + ttl, token.deadline)
+        token.next_renewal = renewal_time(now, token.expires_at - now, grace_for(ttl, self.rng))
+        log.info("token renewed", ttl=ttl)
+
+    def _tend_refresh(self, now: float) -> None:
+        with self._lock:
+            due = [path for path, at in self._state.refresh.items() if now >= at]
+            for path in due:
+                self._state.refresh[path] = FAR  # until the loop reports it refreshed
+        for path in due:
+            self.post(Refresh(path))

@@ -1,0 +1,98 @@
+"""status.json: what the supervisor knows, for `secret-init health` and for people. No values.
+
+Pure: building and judging the status take plain data and an explicit clock.
+"""
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from secret_init.config import Config
+
+STATUS_FILE = "status.json"
+STATUS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class LeaseView:
+    """One lease as the status shows it; times are Unix seconds."""
+
+    lease_id: str
+    expires_at: float
+    deadline: float
+    rotate_at: float
+    last_renewal: float | None
+    rotating: bool
+
+
+def iso(ts: float | None) -> str | None:
+    if ts is None or math.isinf(ts):
+        return None
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_iso(text: str | None) -> float | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def build(
+    cfg: Config,
+    leases: Mapping[str, LeaseView],
+    last_rotation: Mapping[str, float],
+    supervisor_pid: int,
+    app_pid: int | None,
+    now: float,
+    state: str = "running",
+) -> dict[str, Any]:
+    secrets = []
+    for spec in cfg.secrets:
+        path = spec.source.path if spec.source.kind == "vault" else None
+        lease = leases.get(path) if path else None
+        secrets.append(
+            {
+                "name": spec.name,
+                "source": str(spec.source),
+                "file": cfg.file_path(spec),
+                "lease_id": lease.lease_id if lease else None,
+                "expires_at": iso(lease.expires_at) if lease else None,
+                "deadline": iso(lease.deadline) if lease else None,
+                "rotate_at": iso(lease.rotate_at) if lease else None,
+                "last_renewal": iso(lease.last_renewal) if lease else None,
+                "last_rotation": iso(last_rotation.get(path)) if path else None,
+                "rotating": lease.rotating if lease else False,
+            }
+        )
+    return {
+        "version": STATUS_VERSION,
+        "state": state,
+        "updated_at": iso(now),
+        "supervisor_pid": supervisor_pid,
+        "app_pid": app_pid,
+        "secrets": secrets,
+    }
+
+
+def encode(doc: Mapping[str, Any]) -> bytes:
+    return (json.dumps(doc, indent=2) + "\n").encode()
+
+
+def problems(cfg: Config, status: Mapping[str, Any] | None, now: float, exists: Callable[[str], bool]) -> list[str]:
+    """Why the app's secrets are not healthy; empty when they are."""
+    found = [f"{cfg.file_path(s)} does not exist" for s in cfg.secrets if not exists(cfg.file_path(s))]
+    if status is None:
+        return found
+    if status.get("state") == "stopped":
+        found.append("secret-init has stopped; the leases it held are gone")
+    for entry in status.get("secrets", []):
+        rotate_at, deadline = parse_iso(entry.get("rotate_at")), parse_iso(entry.get("deadline"))
+        lease = f"lease {entry.get('lease_id')} of {entry.get('name')}"
+        if deadline is not None and now >= deadline:
+            found.append(f"{lease} is past its deadline")
+        elif rotate_at is not None and now >= rotate_at and not entry.get("rotating"):
+            found.append(f"{lease} is past rotate_before and no rotation is in progress")
+    return found

@@ -1,0 +1,258 @@
+"""Dynamic database credentials end to end: real OpenBao, real PostgreSQL, a real probing app.
+
+The app reads its credential files when it starts (and again on SIGHUP), then logs in to
+PostgreSQL every 100 ms with them. It prints one JSON line per start and per probe.
+"""
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    APP_PYTHON,
+    REPO,
+    Bao,
+    Database,
+    UnixUser,
+    base_env,
+    log_events,
+    needs_root,
+    run_cli,
+    write_config,
+)
+
+pytestmark = needs_root
+
+DB_APP = r"""
+import json, os, signal, subprocess, sys, time
+port = sys.argv[1]
+def say(**event):
+    event["t"] = time.time()
+    event["pid"] = os.getpid()
+    print(json.dumps(event), flush=True)
+def load():
+    global user, password
+    user = open(os.environ["DB_USER_FILE"]).read()
+    password = open(os.environ["DB_PASSWORD_FILE"]).read()
+def on_hup(signum, frame):
+    load()
+    say(event="reload", user=user)
+def on_term(signum, frame):
+    say(event="stop", user=user)
+    sys.exit(0)
+signal.signal(signal.SIGHUP, on_hup)
+signal.signal(signal.SIGTERM, on_term)
+load()
+say(event="start", user=user)
+while True:
+    r = subprocess.run(
+        ["psql", "-h", "127.0.0.1", "-p", port, "-U", user, "-d", "postgres", "-w", "-tAc", "select 1"],
+        env={"PGPASSWORD": password, "PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "2"},
+        capture_output=True, text=True,
+    )
+    say(event="probe", ok=r.returncode == 0, user=user, error=r.stderr.strip()[-200:])
+    time.sleep(0.1)
+"""
+
+
+@pytest.fixture
+def db_app(workdir: Path) -> list[str]:
+    if not os.path.exists(APP_PYTHON) or not os.path.exists("/usr/bin/psql"):
+        pytest.skip("needs /usr/bin/python3 and psql for the probing app")
+    script = workdir / "db_app.py"
+    script.write_text(DB_APP)
+    script.chmod(0o644)
+    return [APP_PYTHON, str(script)]
+
+
+class Run:
+    """secret-init supervising the probing app; collects the app's lines and the logs as they come."""
+
+    def __init__(self, cfg: Path, app: list[str], port: int) -> None:
+        self.cfg = cfg
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", *app, str(port)],
+            env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        self.lines: list[dict[str, Any]] = []  # the app's
+        self.logs: list[dict[str, Any]] = []  # secret-init's
+        self.stderr = ""
+
+    def until(self, done: Callable[["Run"], bool], timeout: float) -> None:
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while not done(self):
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out; app said {self.lines[-3:]}; logs {self.logs[-3:]}"
+            ready, _, _ = select.select([self.proc.stdout, self.proc.stderr], [], [], left)
+            for stream in ready:
+                line = stream.readline()
+                assert line, f"secret-init ended early: {self.finish()} {self.stderr[-2000:]}"
+                if stream is self.proc.stdout:
+                    self.lines.append(json.loads(line))
+                else:
+                    self.stderr += line
+                    self.logs.append(json.loads(line))
+
+    def finish(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=timeout)
+        self.lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
+        self.stderr += err
+        self.logs += log_events(err)
+        return self.proc.returncode
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.lines if e["event"] == name]
+
+    def logged(self, name: str) -> list[dict[str, Any]]:
+        return [e for e in self.logs if e["event"] == name]
+
+
+def starts(n: int) -> Callable[[Run], bool]:
+    return lambda run: len(run.events("start")) >= n
+
+
+def lease_config(workdir: Path, out: Path, bao: Bao, creds: str, user: str, process: str = "") -> Path:
+    role_file, secret_file, _ = bao.approle_credentials("app", workdir)
+    return write_config(
+        workdir,
+        f"""
+[output]
+dir = "{out}"
+user = "{user}"
+
+[vault]
+addr = "{bao.addr}"
+auth = "approle"
+role_id_file = "{role_file}"
+secret_id_file = "{secret_file}"
+request_timeout = "1s"
+
+[process]
+stop_timeout = "2s"
+{process}
+
+[[secret]]
+name = "db_user"
+source = "vault:{creds}#username"
+env = "DB_USER_FILE"
+
+[[secret]]
+name = "db_password"
+source = "vault:{creds}#password"
+env = "DB_PASSWORD_FILE"
+""",
+    )
+
+
+def test_rotation_restarts_ahead_of_expiry_with_no_failed_probe(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
+) -> None:
+    """default_ttl 3s, max_ttl 9s: two rotations, each restart >= 3s (rotate_before) ahead of expiry."""
+    creds = database.role("3s", "9s")
+    role_name = creds.rsplit("/", 1)[1]
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name)
+    assert run_cli("health", "--config", str(cfg)).returncode == 1, "unhealthy before any file exists"
+
+    run = Run(cfg, db_app, database.pg.port)
+    try:
+        run.until(starts(1), 20)
+        during = run_cli("health", "--config", str(cfg))
+        assert during.returncode == 0, during.stdout
+        run.until(starts(3), 40)
+    finally:
+        code = run.finish()
+    assert code == 0, run.stderr
+
+    probes = run.events("probe")
+    assert len(probes) > 50
+    assert [p for p in probes if not p["ok"]] == [], "no probe may fail"
+    users = [e["user"] for e in run.events("start")]
+    assert len(set(users)) == len(users) >= 3, "each start uses new credentials"
+
+    logs = log_events(run.stderr)
+    reads = [e for e in logs if e["event"] == "vault read"]
+    rotations = [e for e in logs if e["event"] == "lease rotated"]
+    restarts = [e for e in logs if e["event"] == "app restarted"]
+    assert len(rotations) >= 2 and len(restarts) >= 2
+    for i, start in enumerate(run.events("start")[1:]):
+        issued = _ts(reads[i]["timestamp"])
+        expiry = issued + 9
+        assert expiry - start["t"] >= 3.0, f"restart {i + 1} landed only {expiry - start['t']:.2f}s before expiry"
+    for rotation in rotations:
+        assert rotation["old_lease"] != rotation["new_lease"]
+    assert [e for e in logs if e["event"] == "lease renewed"], "leases are renewed between rotations"
+
+    assert database.pg.roles(f"v-approle-{role_name}") == set(), "old and last roles are dropped"
+    assert database.leases(creds) == [], "no lease remains after shutdown"
+    after = run_cli("health", "--config", str(cfg))
+    assert after.returncode == 1 and "stopped" in after.stdout
+
+
+def test_on_rotate_signal_reloads_without_restart(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
+) -> None:
+    creds = database.role("2s", "6s")
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name, 'on_rotate = "signal:SIGHUP"')
+    run = Run(cfg, db_app, database.pg.port)
+    try:
+        run.until(lambda r: bool(r.events("reload")), 30)
+        run.until(lambda r: sum(1 for e in r.events("probe") if e["user"] == r.events("reload")[0]["user"]) > 3, 10)
+    finally:
+        assert run.finish() == 0, run.stderr
+    assert len(run.events("start")) == 1, "no restart"
+    reload = run.events("reload")[0]
+    assert reload["pid"] == run.events("start")[0]["pid"]
+    assert reload["user"] != run.events("start")[0]["user"]
+    assert [p for p in run.events("probe") if not p["ok"]] == []
+
+
+def test_vault_outage_then_recovery_then_expiry(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
+) -> None:
+    """Freeze OpenBao (SIGSTOP) across a renewal: it fails, the app runs on. Thaw it in time:
+    renewal resumes. Freeze it for good: at expiry, on_expiry = "stop" stops the app, exit 75."""
+    creds = database.role("10s", "60s")
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name)
+    run = Run(cfg, db_app, database.pg.port)
+    bao_pid = database.bao.pid
+    try:
+        run.until(lambda r: bool(r.logged("lease renewed")), 20)
+        os.kill(bao_pid, signal.SIGSTOP)
+        try:
+            run.until(lambda r: bool(r.logged("lease renewal failed, retrying")), 15)
+        finally:
+            os.kill(bao_pid, signal.SIGCONT)
+        failures = len(run.logged("lease renewal failed, retrying"))
+        renewals = len(run.logged("lease renewed"))
+        run.until(lambda r: len(r.logged("lease renewed")) > renewals, 10)
+        assert run.proc.poll() is None
+        os.kill(bao_pid, signal.SIGSTOP)
+        try:
+            run.until(lambda r: r.proc.poll() is not None or bool(r.logged("supervisor exiting")), 30)
+        finally:
+            os.kill(bao_pid, signal.SIGCONT)
+    finally:
+        code = run.finish()
+    assert failures >= 1
+    assert code == 75, run.stderr[-3000:]
+    assert run.logged("credentials expired; stopping the app (on_expiry = stop)")
+    assert len(run.events("start")) == 1, "one app the whole time"
+    assert not [p for p in run.events("probe")[:-3] if not p["ok"]], "probes pass while credentials are valid"
+
+
+def _ts(text: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
