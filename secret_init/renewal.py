@@ -81,8 +81,9 @@ def new_lease(
 
 
 def renewal_time(now: float, remaining: float, grace: float) -> float:
-    """When to renew next: 2/3 of the remaining time plus 1/3 of the grace."""
-    return now + max(0.0, remaining * 2 / 3 + grace / 3)
+    """When to renew next: 2/3 of the remaining time plus 1/3 of the grace, but before expiry."""
+    remaining = max(0.0, remaining)
+    return now + min(remaining, remaining * 2 / 3 + grace / 3)
 
 
 def rotate_before(lease: LeaseState, configured: float | None) -> float:

@@ -1,0 +1,93 @@
+"""The renewal schedule as pure functions, with a scripted clock and seeded randomness."""
+
+import random
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from secret_init.renewal import (
+    ROTATION_LEAD,
+    LeaseState,
+    after_error,
+    after_renewal,
+    grace_for,
+    new_lease,
+    next_wake,
+    renewal_time,
+    rotate_at,
+    rotate_before,
+)
+
+
+def lease(duration: float = 3, deadline: float = 9, renewable: bool = True, seed: int = 1) -> LeaseState:
+    return new_lease("database/creds/app", "lease-1", duration, renewable, 0.0, deadline, random.Random(seed))
+
+
+def test_renewal_lands_at_about_70_percent() -> None:
+    """2/3 of the remaining time plus 1/3 of a 10-20% grace: between 70% and 73.4% of the TTL."""
+    for seed in range(50):
+        state = lease(duration=100, deadline=1000, seed=seed)
+        assert 70.0 <= state.next_renewal <= 73.4
+
+
+def test_grace_is_10_to_20_percent() -> None:
+    rng = random.Random(7)
+    graces = [grace_for(60, rng) for _ in range(200)]
+    assert min(graces) >= 6 and max(graces) <= 12
+    assert max(graces) - min(graces) > 4, "jittered, not constant"
+
+
+def test_default_rotate_before_is_a_third_of_the_whole_life() -> None:
+    """A 12 s max TTL rotates about 4 s before expiry, a 24 h one about 8 h before."""
+    assert rotate_before(lease(deadline=12), None) == pytest.approx(4)
+    assert rotate_before(lease(duration=3600, deadline=86400), None) == pytest.approx(8 * 3600)
+    assert rotate_before(lease(deadline=12), 2.0) == 2.0
+    assert rotate_at(lease(deadline=12), None) == pytest.approx(12 - 4 * (1 + ROTATION_LEAD))
+
+
+def test_renewal_never_passes_the_deadline() -> None:
+    state = lease(duration=3, deadline=9)
+    renewed = after_renewal(state, now=8.0, ttl=3, rng=random.Random(1))
+    assert renewed.expires_at == 9
+    assert renewed.last_renewal == 8.0
+
+
+def test_errors_back_off_but_never_past_expiry() -> None:
+    state = lease(duration=30, deadline=300)
+    rng = random.Random(3)
+    delays = []
+    for _ in range(8):
+        state = after_error(state, now=10.0, rng=rng)
+        delays.append(state.next_renewal - 10.0)
+    assert delays[0] <= 1.0 and delays[3] > delays[0]
+    assert all(10.0 + d <= state.expires_at for d in delays)
+    short = after_error(lease(duration=3, deadline=9), now=2.95, rng=random.Random(1))
+    assert short.next_renewal <= short.expires_at
+
+
+def test_next_wake_is_the_earliest_duty() -> None:
+    state = lease(duration=3, deadline=9)
+    assert next_wake(state, None) == pytest.approx(state.next_renewal)
+    late = after_renewal(state, now=5.0, ttl=3, rng=random.Random(1))  # expires at 8, rotate at 5.4
+    assert next_wake(late, None) == pytest.approx(rotate_at(late, None))
+
+
+@given(
+    duration=st.floats(min_value=1, max_value=86400),
+    extra=st.floats(min_value=0, max_value=86400 * 30),
+    now_fraction=st.floats(min_value=0, max_value=1),
+    seed=st.integers(0, 2**32),
+)
+def test_schedule_invariants(duration: float, extra: float, now_fraction: float, seed: int) -> None:
+    """Whatever the TTLs: renew before expiry, never extend past the deadline, rotate before it."""
+    deadline = duration + extra
+    rng = random.Random(seed)
+    state = new_lease("p", "l", duration, True, 0.0, deadline, rng)
+    assert 0 < state.next_renewal < state.expires_at <= deadline
+    now = now_fraction * state.expires_at
+    renewed = after_renewal(state, now, duration, rng)
+    assert renewed.expires_at <= deadline
+    assert now <= renewed.next_renewal <= renewed.expires_at
+    assert rotate_at(state, None) < deadline
+    assert renewal_time(now, 0.0, 0.0) == now
