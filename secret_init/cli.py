@@ -78,7 +78,6 @@ def _health(args: argparse.Namespace) -> int:
     import time
 
     from secret_init import config, status
-    from secret_init.sink import STATUS_DIR
 
     try:
         cfg = config.load(config.config_path(getattr(args, "config", None), os.environ), os.environ)
@@ -87,7 +86,7 @@ def _health(args: argparse.Namespace) -> int:
         return 1
     doc = None
     try:
-        with open(f"{cfg.output.dir}/{STATUS_DIR}/{status.STATUS_FILE}", "rb") as f:
+        with open(f"{cfg.output.dir}/{status.STATUS_DIR}/{status.STATUS_FILE}", "rb") as f:
             doc = json.loads(f.read())
     except FileNotFoundError:
         pass  # a one-shot run keeps no status: the files are all there is to check

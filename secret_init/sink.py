@@ -22,12 +22,12 @@ import structlog
 from secret_init import fsinfo
 from secret_init.errors import PermissionRefusedError, SecretInitError, WriteError
 from secret_init.model import Hidden
+from secret_init.status import STATUS_DIR
 
 log = structlog.get_logger()
 
 TEMP_PREFIX = ".si-tmp-"
 DIR_MODE = 0o750
-STATUS_DIR = ".secret-init"
 
 
 @dataclass(frozen=True)

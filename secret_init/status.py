@@ -12,6 +12,7 @@ from typing import Any
 
 from secret_init.config import Config
 
+STATUS_DIR = ".secret-init"  # inside output.dir
 STATUS_FILE = "status.json"
 STATUS_VERSION = 1
 

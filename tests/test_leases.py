@@ -123,8 +123,10 @@ def starts(n: int) -> Callable[[Run], bool]:
     return lambda run: len(run.events("start")) >= n
 
 
-def lease_config(workdir: Path, out: Path, bao: Bao, creds: str, user: str, process: str = "") -> Path:
-    role_file, secret_file, _ = bao.approle_credentials("app", workdir)
+def lease_config(
+    workdir: Path, out: Path, bao: Bao, creds: str, user: str, process: str = "", role: str = "app"
+) -> Path:
+    role_file, secret_file, _ = bao.approle_credentials(role, workdir)
     return write_config(
         workdir,
         f"""
@@ -250,6 +252,96 @@ def test_vault_outage_then_recovery_then_expiry(
     assert run.logged("credentials expired; stopping the app (on_expiry = stop)")
     assert len(run.events("start")) == 1, "one app the whole time"
     assert not [p for p in run.events("probe")[:-3] if not p["ok"]], "probes pass while credentials are valid"
+
+
+def test_token_relogin_before_its_max_ttl_and_leases_follow(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
+) -> None:
+    """A lease dies with its token: with a 12 s token max TTL the lease must move to a new token.
+
+    secret-init logs in again halfway through the token's life, then rotates the lease (made
+    with the old token) before the old token's deadline, with no failed probe.
+    """
+    database.bao.client.auth.approle.create_or_update_approle(
+        "short", token_policies=["app-read"], token_ttl="4s", token_max_ttl="12s"
+    )
+    creds = database.role("30s", "120s")
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name, role="short")
+    run = Run(cfg, db_app, database.pg.port)
+    try:
+        run.until(starts(2), 30)
+    finally:
+        assert run.finish() == 0, run.stderr[-3000:]
+    events = [e["event"] for e in run.logs]
+    assert "token renewed" in events
+    assert "token re-login" in events
+    assert events.index("token re-login") < events.index("lease rotated")
+    tracked = run.logged("lease tracked")[0]
+    assert tracked["deadline_in"] <= 12, "the lease's deadline is its token's"
+    issued = _ts(run.logged("vault login")[0]["timestamp"])
+    restart = run.events("start")[1]["t"]
+    assert issued + 12 - restart >= tracked["rotate_before"], "restarted rotate_before ahead of the token's end"
+    assert [p for p in run.events("probe") if not p["ok"]] == []
+
+
+STATIC_APP = r"""
+import hashlib, json, os, signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+data = open(os.environ["API_KEY_FILE"], "rb").read()
+print(json.dumps({"event": "start", "pid": os.getpid(), "sha256": hashlib.sha256(data).hexdigest()}), flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_static_vault_secret_refresh_restarts_on_change(
+    bao: Bao, tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """A KV secret has no lease: it is re-read every refresh_interval, and a change restarts the app."""
+    import hashlib
+    import secrets as pysecrets
+
+    key = pysecrets.token_hex(6)
+    first, second = random_value(), random_value()
+    bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{key}", secret={"k": first})
+    role_file, secret_file, _ = bao.approle_credentials("app", workdir)
+    app = workdir / "static_app.py"
+    app.write_text(STATIC_APP)
+    app.chmod(0o644)
+    cfg = write_config(
+        workdir,
+        f'[output]\ndir = "{tmpfs}/out"\nuser = "{app_user.name}"\n'
+        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{role_file}"\n'
+        f'secret_id_file = "{secret_file}"\nrefresh_interval = "1s"\n'
+        "[process]\nsupervise = true\n"
+        f'[[secret]]\nname = "api_key"\nsource = "vault:secret/data/app/{key}#k"\nenv = "API_KEY_FILE"\n',
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", APP_PYTHON, str(app)],
+        env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        start = json.loads(proc.stdout.readline())
+        assert start["sha256"] == hashlib.sha256(first.encode()).hexdigest()
+        bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{key}", secret={"k": second})
+        ready, _, _ = select.select([proc.stdout], [], [], 15)
+        assert ready, "no restart after the secret changed"
+        again = json.loads(proc.stdout.readline())
+        assert again["sha256"] == hashlib.sha256(second.encode()).hexdigest()
+        assert again["pid"] != start["pid"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "secret changed in vault" in [e["event"] for e in log_events(stderr)]
+    assert first not in stderr and second not in stderr
+
+
+def random_value() -> str:
+    import secrets as pysecrets
+
+    return pysecrets.token_urlsafe(16)
 
 
 def _ts(text: str) -> float:

@@ -314,6 +314,21 @@ def test_files_only_start_does_not_import_hvac(scene: Scene, app_user: UnixUser)
     assert not {m for m in imported if m.split(".")[0] in ("hvac", "requests", "urllib3")}
 
 
+def test_health_is_fast_and_imports_no_vault_or_logging(scene: Scene, app_user: UnixUser) -> None:
+    cfg = scene.config(f'user = "{app_user.name}"')
+    missing = run_cli("health", "--config", str(cfg), env=scene.env())
+    assert missing.returncode == 1 and "does not exist" in missing.stdout
+    assert run_cli("render", "--config", str(cfg), env=scene.env()).returncode == 0
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "secret_init", "health", "--config", str(cfg)],
+        env=scene.env(), cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0 and result.stdout.strip() == "healthy"
+    imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
+    assert "secret_init.status" in imported
+    assert not {m for m in imported if m.split(".")[0] in ("hvac", "requests", "structlog", "tenacity")}
+
+
 def _pythonpath() -> str:
     paths = sysconfig.get_paths()
     return f"{REPO}:{paths['purelib']}:{paths['platlib']}"

@@ -69,7 +69,8 @@ if mode == "leftover":
     time.sleep(0.5)
     sys.exit(0)
 parent = os.getppid()
-print(json.dumps({"ready": os.getpid(), "uid": os.getuid(),
+fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
+print(json.dumps({"ready": os.getpid(), "uid": os.getuid(), "fds": fds,
     "parent_environ": attempt(f"/proc/{parent}/environ"), "parent_mem": attempt(f"/proc/{parent}/mem"),
     "env": sorted(os.environ)}), flush=True)
 while True:
@@ -165,6 +166,7 @@ def test_the_app_runs_as_the_user_and_cannot_read_the_supervisor(
     assert hello["uid"] == app_user.uid
     assert hello["parent_environ"] == "Permission denied"
     assert hello["parent_mem"] == "Permission denied"
+    assert hello["fds"] == [0, 1, 2, 3], "only stdio (3 is the listing's own): no inherited descriptor"
     assert "TOKEN_FILE" in hello["env"]  # type: ignore[operator]
     assert not [k for k in hello["env"] if k.startswith(("VAULT_", "BAO_"))]  # type: ignore[attr-defined]
     status = Path(f"/proc/{hello['ready']}/status").read_text()
