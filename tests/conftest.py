@@ -384,7 +384,7 @@ class Database:
 
     def role(self, default_ttl: str, max_ttl: str) -> str:
         """A fresh database/roles/NAME with these TTLs; returns the creds path."""
-        name = f"r{secrets.token_hex(4)}"
+        name = f"r{secrets.token_hex(3)}z"  # 8 characters: Vault cuts role names to 8 in usernames
         self.bao.client.write(
             f"database/roles/{name}",
             db_name="pg",

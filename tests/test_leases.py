@@ -164,6 +164,7 @@ def test_rotation_restarts_ahead_of_expiry_with_no_failed_probe(
     """default_ttl 3s, max_ttl 9s: two rotations, each restart >= 3s (rotate_before) ahead of expiry."""
     creds = database.role("3s", "9s")
     role_name = creds.rsplit("/", 1)[1]
+    assert len(role_name) == 8, "usernames carry the first 8 characters of the role name"
     cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name)
     assert run_cli("health", "--config", str(cfg)).returncode == 1, "unhealthy before any file exists"
 
@@ -173,6 +174,10 @@ def test_rotation_restarts_ahead_of_expiry_with_no_failed_probe(
         during = run_cli("health", "--config", str(cfg))
         assert during.returncode == 0, during.stdout
         run.until(starts(3), 40)
+        live = database.pg.roles(f"v-approle-{role_name}")
+        first, second, third = (e["user"] for e in run.events("start")[:3])
+        assert first not in live and second not in live, "rotated-away roles are dropped at once"
+        assert third in live
     finally:
         code = run.finish()
     assert code == 0, run.stderr
@@ -200,6 +205,27 @@ def test_rotation_restarts_ahead_of_expiry_with_no_failed_probe(
     assert database.leases(creds) == [], "no lease remains after shutdown"
     after = run_cli("health", "--config", str(cfg))
     assert after.returncode == 1 and "stopped" in after.stdout
+
+
+def test_refused_renewal_rotates(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
+) -> None:
+    """The lease is revoked behind secret-init's back: the next renewal is refused, so it rotates."""
+    creds = database.role("4s", "60s")
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name)
+    run = Run(cfg, db_app, database.pg.port)
+    try:
+        run.until(lambda r: bool(r.logged("lease tracked")), 20)
+        database.bao.client.sys.revoke_lease(run.logged("lease tracked")[0]["lease_id"])
+        run.until(starts(2), 20)
+        new_user = run.events("start")[1]["user"]
+        run.until(lambda r: len([p for p in r.events("probe") if p["user"] == new_user]) >= 3, 10)
+    finally:
+        assert run.finish() == 0, run.stderr[-3000:]
+    rotated = run.logged("lease rotated")
+    assert rotated and rotated[0]["reason"] == "renewal refused"
+    probes_after = [p for p in run.events("probe") if p["user"] == run.events("start")[1]["user"]]
+    assert probes_after and all(p["ok"] for p in probes_after), "the new credentials work"
 
 
 def test_on_rotate_signal_reloads_without_restart(
