@@ -22,7 +22,7 @@ from secret_init.app import Materialized, output_files
 from secret_init.config import Config
 from secret_init.errors import ExitCode, SecretInitError
 from secret_init.model import Lease, Material
-from secret_init.renewal import Expired, Refresh, Renewer, Rotate, rotate_at
+from secret_init.renewal import Refresh, Renewer, Rotate, rotate_at
 from secret_init.sink import Owner
 from secret_init.supervisor import SignalEvent, Supervisor, exit_code
 
@@ -49,6 +49,8 @@ class Supervised:
         self.created: set[str] = set(lease.lease_id for lease in self.leases.values())
         self.last_rotation: dict[str, float] = {}
         self.forced_exit: int | None = None
+        # Old leases to revoke later: the app was signalled, not restarted, and needs time.
+        self.pending_revokes: list[tuple[float, str]] = []
         self.stopping = False
         self._last_status: dict[str, object] = {}
 
@@ -61,22 +63,25 @@ class Supervised:
     def run(self) -> int:
         self.supervisor.install()
         privileges.set_no_new_privs()  # inherited by the app
-        self._start_renewer()
-        self.supervisor.start(self.command, self.env, self.app_user)
         try:
+            self._start_renewer()
+            self.supervisor.start(self.command, self.env, self.app_user)
             self._write_status()
             while self.supervisor.exit_status is None:
                 try:
-                    event = self.events.get(timeout=TICK)
+                    event = self.events.get(timeout=self._wait_time())
                 except Empty:
                     self.supervisor.reap()  # a lost SIGCHLD must not leave a zombie
-                    self._write_status()
-                    continue
-                self._handle(event)
+                else:
+                    self._handle(event)
+                self._check_expiry()
+                self._revoke_due()
+                self._write_status()
         finally:
-            if self.supervisor.exit_status is None:  # leaving on an error: the app goes too
-                self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
-            self.supervisor.stop_leftovers(self.cfg.process.stop_timeout)
+            if self.supervisor.pid is not None:
+                if self.supervisor.exit_status is None:  # leaving on an error: the app goes too
+                    self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
+                self.supervisor.stop_leftovers(self.cfg.process.stop_timeout)
             self._shutdown_vault()
             self._write_status(state="stopped")
         assert self.supervisor.exit_status is not None
@@ -94,13 +99,40 @@ class Supervised:
             self.supervisor.forward(event.signum)
         elif self.stopping:
             return  # no rotation starts once the app is being stopped
-        elif isinstance(event, Rotate):
-            self._rotate(event.path, event.reason)
         elif isinstance(event, Refresh):
             self._refresh(event.path)
-        elif isinstance(event, Expired):
-            self._expired(event.path)
-        self._write_status()
+        elif isinstance(event, Rotate) and not self._current(event.path, event.lease_id):
+            log.debug("event for a lease already rotated away", path=event.path, lease_id=event.lease_id)
+        elif isinstance(event, Rotate):
+            self._rotate(event.path, event.reason)
+
+    def _current(self, path: str, lease_id: str) -> bool:
+        lease = self.leases.get(path)
+        return lease is not None and lease.lease_id == lease_id
+
+    def _wait_time(self) -> float:
+        """Until the next tick, the next delayed revoke, or the next lease expiry."""
+        times = [time.monotonic() + TICK]
+        times += [due for due, _ in self.pending_revokes]
+        if self.renewer is not None:
+            times += [s.expires_at for s in self.renewer.snapshot().values() if not s.expired]
+        return max(0.0, min(times) - time.monotonic())
+
+    def _check_expiry(self) -> None:
+        """A lease past its expiry without a rotation: apply on_expiry, once per lease."""
+        if self.renewer is None or self.stopping:
+            return
+        now = time.monotonic()
+        for path, lease in self.renewer.snapshot().items():
+            if now >= lease.expires_at and self.renewer.expire(path, lease.lease_id):
+                log.error("lease expired before it could be rotated", path=path, lease_id=lease.lease_id)
+                self._expired(path)
+
+    def _revoke_due(self) -> None:
+        now = time.monotonic()
+        for item in [p for p in self.pending_revokes if p[0] <= now]:
+            self.pending_revokes.remove(item)
+            self._revoke(item[1])
 
     # -- vault ------------------------------------------------------------------------------
 
@@ -167,10 +199,12 @@ class Supervised:
             old_lease=old.lease_id if old else None,
             new_lease=new.lease_id if new else None,
         )
-        if changed:
-            self._apply_on_rotate()
+        restarted = self._apply_on_rotate() if changed else False
         if old is not None:
-            self._revoke(old.lease_id)
+            if restarted or self.cfg.process.on_rotate == "restart":
+                self._revoke(old.lease_id)
+            else:
+                self.pending_revokes.append((time.monotonic() + self.cfg.process.stop_timeout, old.lease_id))
 
     def _refresh(self, path: str) -> None:
         assert self.renewer is not None
@@ -201,6 +235,8 @@ class Supervised:
     def _expired(self, path: str) -> None:
         if self.cfg.process.on_expiry == "keep":
             log.error("credentials expired; on_expiry = keep, so the app keeps running", path=path)
+            if self.renewer is not None:
+                self.renewer.rotation_failed(path)  # and rotation keeps being tried
             return
         log.error("credentials expired; stopping the app (on_expiry = stop)", path=path)
         self.forced_exit = int(ExitCode.TEMPFAIL)
@@ -209,7 +245,8 @@ class Supervised:
 
     def _shutdown_vault(self) -> None:
         if self.renewer is not None:
-            self.renewer.stop()
+            self.renewer.stop(timeout=self.cfg.vault.request_timeout * 3)
+        self.pending_revokes.clear()  # still in self.created: revoked below
         if self.client is None:
             return
         if self.cfg.vault.revoke_on_exit:
@@ -219,19 +256,22 @@ class Supervised:
 
     # -- the app ------------------------------------------------------------------------------
 
-    def _apply_on_rotate(self) -> None:
+    def _apply_on_rotate(self) -> bool:
+        """Restart or signal the app; True when it was restarted."""
         action = self.cfg.process.on_rotate
-        if action == "none" or self.supervisor.pid is None:
-            return
+        self.supervisor.reap()  # an app that already exited is not brought back
+        if action == "none" or self.supervisor.pid is None or self.supervisor.exit_status is not None:
+            return False
         if action == "signal":
             # The app alone: a reload signal is its to pass on, not its children's to die of.
             self.supervisor.signal_app(self.cfg.process.rotate_signal)
-            return
+            return False
         old_pid = self.supervisor.pid
         self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
         self.supervisor.stop_leftovers(self.cfg.process.stop_timeout)
         new_pid = self.supervisor.start(self.command, self.env, self.app_user)
         log.info("app restarted", old_pid=old_pid, new_pid=new_pid)
+        return True
 
     # -- status ---------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ class LeaseState:
     rotating: bool = False  # a "rotate" event is out; not reported again until retry_at
     retry_at: float = FAR
     last_renewal: float | None = None
+    expired: bool = False  # the loop saw it expire and acted on_expiry
 
     @property
     def lifetime(self) -> float:
@@ -87,8 +88,12 @@ def renewal_time(now: float, remaining: float, grace: float) -> float:
 
 
 def rotate_before(lease: LeaseState, configured: float | None) -> float:
-    """How long before the deadline to rotate: configured, or 1/3 of the lease's whole life."""
-    return configured if configured is not None else lease.lifetime / 3
+    """How long before the deadline to rotate: configured, or 1/3 of the lease's whole life.
+
+    Never more than half the life: a larger value would rotate every new lease at once.
+    """
+    wanted = configured if configured is not None else lease.lifetime / 3
+    return min(wanted, lease.lifetime / 2)
 
 
 def rotate_at(lease: LeaseState, configured: float | None) -> float:
@@ -108,16 +113,24 @@ def after_renewal(lease: LeaseState, now: float, ttl: float, rng: random.Random)
     )
 
 
+def _backoff(errors: int, rng: random.Random) -> float:
+    """1 s doubling to 30 s, jittered down to half."""
+    return float(min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_START * 2.0 ** (errors - 1)) * (0.5 + rng.random() / 2))
+
+
 def after_error(lease: LeaseState, now: float, rng: random.Random) -> LeaseState:
-    """Back off with jitter: 1 s doubling to 30 s, never past the lease's expiry."""
+    """Back off with jitter, but try once more shortly before expiry rather than after it."""
     errors = lease.errors + 1
-    backoff = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_START * 2 ** (errors - 1)) * (0.5 + rng.random() / 2)
-    return replace(lease, errors=errors, next_renewal=min(now + backoff, max(now, lease.expires_at - 0.1)))
+    retry = now + _backoff(errors, rng)
+    last_chance = lease.expires_at - min(1.0, (lease.expires_at - now) / 2)
+    if now < last_chance < retry:
+        retry = last_chance
+    return replace(lease, errors=errors, next_renewal=retry)
 
 
 def next_wake(lease: LeaseState, configured: float | None) -> float:
-    """The next moment this lease needs attention."""
-    times = [lease.expires_at]
+    """The next moment this lease needs the renewer (expiry itself is the loop's to watch)."""
+    times = []
     if lease.rotating:
         times.append(lease.retry_at)
     else:
@@ -133,12 +146,8 @@ def next_wake(lease: LeaseState, configured: float | None) -> float:
 @dataclass(frozen=True)
 class Rotate:
     path: str
+    lease_id: str  # the lease this is about; stale once the path has a newer one
     reason: str
-
-
-@dataclass(frozen=True)
-class Expired:
-    path: str
 
 
 @dataclass(frozen=True)
@@ -230,9 +239,17 @@ class Renewer(threading.Thread):
             lease = self._state.leases.get(path)
             if lease is not None:
                 errors = lease.errors + 1
-                delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_START * 2 ** (errors - 1)) * (0.5 + self.rng.random() / 2)
-                self._state.leases[path] = replace(lease, errors=errors, retry_at=now + delay)
+                self._state.leases[path] = replace(lease, errors=errors, retry_at=now + _backoff(errors, self.rng))
         self._wake.set()
+
+    def expire(self, path: str, lease_id: str) -> bool:
+        """Mark the lease expired; True the first time, so on_expiry is applied once."""
+        with self._lock:
+            lease = self._state.leases.get(path)
+            if lease is None or lease.lease_id != lease_id or lease.expired:
+                return False
+            self._state.leases[path] = replace(lease, expired=True, rotating=True)
+            return True
 
     def forget(self, path: str) -> None:
         with self._lock:
@@ -247,9 +264,12 @@ class Renewer(threading.Thread):
         with self._lock:
             return [lease.lease_id for lease in self._state.leases.values()]
 
-    def stop(self) -> None:
+    def stop(self, timeout: float) -> None:
+        """Stop and wait for the thread, so nothing renews or logs in behind the shutdown."""
         self._stopping = True
         self._wake.set()
+        if self.is_alive():
+            self.join(timeout)
 
     # -- the thread ---------------------------------------------------------------------
 
@@ -275,14 +295,20 @@ class Renewer(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping:
-            now = self.clock()
-            self._tend_token(now)
-            for path in list(self.snapshot()):
-                self._tend_lease(path, now)
-            self._tend_refresh(now)
-            wake = self._next_wake()
+            try:
+                self._tend_all(self.clock())
+                wake = self._next_wake()
+            except Exception as e:  # a bug must not end renewal silently
+                log.error("renewer error", error=f"{type(e).__name__}: {e}")
+                wake = self.clock() + ERROR_BACKOFF_START
             self._wake.wait(timeout=max(0.0, min(wake - self.clock(), 60.0)))
             self._wake.clear()
+
+    def _tend_all(self, now: float) -> None:
+        self._tend_token(now)
+        for path in list(self.snapshot()):
+            self._tend_lease(path, now)
+        self._tend_refresh(now)
 
     def _next_wake(self) -> float:
         times = [self.token.next_action()]
@@ -296,66 +322,74 @@ class Renewer(threading.Thread):
             lease = self._state.leases.get(path)
         if lease is None:
             return
-        if now >= lease.expires_at:
-            log.error("lease expired before it could be rotated", path=path, lease_id=lease.lease_id)
-            self._update(path, replace(lease, rotating=True, retry_at=FAR, expires_at=FAR))
-            self.post(Expired(path))
-            return
-        due_rotation = now >= rotate_at(lease, self.configured_rotate_before)
         if lease.rotating:
             if now >= lease.retry_at:
-                self._update(path, replace(lease, retry_at=FAR))
-                self.post(Rotate(path, "retry after a failed rotation"))
-            return
-        if due_rotation:
-            self._update(path, replace(lease, rotating=True, retry_at=FAR))
-            self.post(Rotate(path, "rotate_before reached"))
-            return
-        if lease.renewable and now >= lease.next_renewal:
-            self._renew(lease, now)
+                self._modify(lease, lambda s: replace(s, retry_at=FAR))
+                self.post(Rotate(path, lease.lease_id, "retry after a failed rotation"))
+        elif now >= rotate_at(lease, self.configured_rotate_before):
+            self._modify(lease, lambda s: replace(s, rotating=True, retry_at=FAR))
+            self.post(Rotate(path, lease.lease_id, "rotate_before reached"))
+        # Renew even while a rotation is pending: it keeps the old credentials alive
+        # up to the deadline if the rotation has to wait for Vault.
+        if now >= lease.expires_at:
+            # Too late to renew; the loop applies on_expiry. Stop waking for it.
+            self._modify(lease, lambda s: replace(s, next_renewal=FAR))
+        elif lease.renewable and now >= lease.next_renewal:
+            self._renew(lease)
 
-    def _renew(self, lease: LeaseState, now: float) -> None:
+    def _renew(self, lease: LeaseState) -> None:
         try:
             ttl = self.client.renew_lease(lease.lease_id, lease.duration)
         except SecretInitError as e:
             if e.exit_code == 69:  # Vault unreachable: keep trying until the deadline
                 log.warning("lease renewal failed, retrying", lease_id=lease.lease_id, error=str(e))
-                self._update(lease.path, after_error(lease, self.clock(), self.rng))
+                self._modify(lease, lambda s: after_error(s, self.clock(), self.rng))
                 return
-            log.warning("lease renewal refused; rotating", lease_id=lease.lease_id, error=str(e))
-            self._update(lease.path, replace(lease, rotating=True, retry_at=FAR))
-            self.post(Rotate(lease.path, "renewal refused"))
-            return
-        renewed = after_renewal(lease, self.clock(), ttl, self.rng)
-        self._update(lease.path, renewed)
-        log.info("lease renewed", lease_id=lease.lease_id, ttl=ttl)
+            # Refused (revoked, or expired): rotate, once. A lease rotated away meanwhile is left alone.
+            marked: list[bool] = []
 
-    def _update(self, path: str, lease: LeaseState) -> None:
+            def mark(state: LeaseState) -> LeaseState:
+                if state.rotating:
+                    return state
+                marked.append(True)
+                return replace(state, rotating=True, retry_at=FAR)
+
+            if self._modify(lease, mark) and marked:
+                log.warning("lease renewal refused; rotating", lease_id=lease.lease_id, error=str(e))
+                self.post(Rotate(lease.path, lease.lease_id, "renewal refused"))
+            return
+        now = self.clock()
+        if self._modify(lease, lambda s: after_renewal(s, now, ttl, self.rng)):
+            log.info("lease renewed", lease_id=lease.lease_id, ttl=ttl)
+
+    def _modify(self, seen: LeaseState, change: Callable[[LeaseState], LeaseState]) -> bool:
+        """Apply `change` to the current state of the lease `seen` was a snapshot of.
+
+        False when that lease is no longer tracked (rotated away meanwhile): nothing changes.
+        """
         with self._lock:
-            current = self._state.leases.get(path)
-            if current is not None and current.lease_id == lease.lease_id:
-                self._state.leases[path] = lease
+            current = self._state.leases.get(seen.path)
+            if current is None or current.lease_id != seen.lease_id:
+                return False
+            self._state.leases[seen.path] = change(current)
+            return True
 
     def _tend_token(self, now: float) -> None:
         token = self.token
         if now >= token.next_relogin:
-            try:
-                self.client.login()
-                self.learn_token()
-                log.info("token re-login", reason="halfway to the token's max TTL")
-            except SecretInitError as e:
-                token.errors += 1
-                token.next_relogin = now + min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_START * 2 ** (token.errors - 1))
-                log.warning("token re-login failed", error=str(e))
+            self._relogin(now)
             return
         if now < token.next_renewal:
+            return
+        if now >= token.expires_at:
+            token.next_renewal = FAR  # expired: only a re-login can help now
+            log.error("vault token expired")
             return
         try:
             ttl = self.client.renew_token(token.ttl)
         except SecretInitError as e:
             token.errors += 1
-            delay = min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_START * 2 ** (token.errors - 1))
-            token.next_renewal = min(now + delay, max(now, token.expires_at - 0.1))
+            token.next_renewal = now + _backoff(token.errors, self.rng)
             log.warning("token renewal failed", error=str(e))
             return
         now = self.clock()
@@ -363,6 +397,23 @@ class Renewer(threading.Thread):
         token.expires_at = min(now + ttl, token.deadline)
         token.next_renewal = renewal_time(now, token.expires_at - now, grace_for(ttl, self.rng))
         log.info("token renewed", ttl=ttl)
+
+    def _relogin(self, now: float) -> None:
+        token = self.token
+        try:
+            self.client.login()
+        except SecretInitError as e:
+            token.errors += 1
+            token.next_relogin = now + _backoff(token.errors, self.rng)
+            log.warning("token re-login failed", error=str(e))
+            return
+        log.info("token re-login", reason="halfway to the token's max TTL")
+        try:
+            self.learn_token()
+        except SecretInitError as e:
+            # Logged in, but the new token's limits are unknown: renew it, never log in again for this.
+            self.token = TokenState(issued_at=now, renewable=True, ttl=token.ttl, next_renewal=now + 1)
+            log.warning("could not look up the new token", error=str(e))
 
     def _tend_refresh(self, now: float) -> None:
         with self._lock:

@@ -184,8 +184,9 @@ class VaultClient:
         if not token:
             raise VaultUnavailableError(f"vault at {self.addr}: AppRole login returned no token")
         REDACTOR.add(token)
-        self.client.token = token
-        self.owns_token = True
+        with self._lock:
+            self.client.token = token
+            self.owns_token = True
         log.info(
             "vault login",
             addr=self.addr,
@@ -205,14 +206,15 @@ class VaultClient:
 
     def revoke_own_token(self) -> None:
         """Revoke a token this process created by logging in; a supplied token is not ours to revoke."""
-        if not self.owns_token:
-            return
-        try:
-            self.client.auth.token.revoke_self()
-            self.owns_token = False
-            log.info("vault token revoked", addr=self.addr)
-        except Exception as e:  # best effort: the token expires by itself anyway
-            log.warning("vault token revoke failed", addr=self.addr, error=describe(e))
+        with self._lock:
+            if not self.owns_token:
+                return
+            try:
+                self.client.auth.token.revoke_self()
+                self.owns_token = False
+                log.info("vault token revoked", addr=self.addr)
+            except Exception as e:  # best effort: the token expires by itself anyway
+                log.warning("vault token revoke failed", addr=self.addr, error=describe(e))
 
     # -- reads ----------------------------------------------------------------------
 
@@ -252,6 +254,12 @@ class VaultClient:
     def revoke_lease(self, lease_id: str) -> None:
         self._call(f"revoke of {lease_id}", lambda: self.client.sys.revoke_lease(lease_id))
         log.info("lease revoked", lease_id=lease_id)
+
+    def revoke_lease_quietly(self, lease_id: str) -> None:
+        try:
+            self.revoke_lease(lease_id)
+        except SecretInitError as e:
+            log.warning("lease revoke failed; it expires by itself", lease_id=lease_id, error=str(e))
 
     def token_info(self) -> TokenInfo:
         data = self._call("token lookup-self", lambda: self.client.auth.token.lookup_self())["data"]

@@ -79,9 +79,10 @@ class Run:
 
     def __init__(self, cfg: Path, app: list[str], port: int) -> None:
         self.cfg = cfg
+        # Unbuffered binary pipes: select() then sees every line, none hides in a buffer.
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", *app, str(port)],
-            env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
         )  # fmt: skip
         self.lines: list[dict[str, Any]] = []  # the app's
         self.logs: list[dict[str, Any]] = []  # secret-init's
@@ -95,7 +96,7 @@ class Run:
             assert left > 0, f"timed out; app said {self.lines[-3:]}; logs {self.logs[-3:]}"
             ready, _, _ = select.select([self.proc.stdout, self.proc.stderr], [], [], left)
             for stream in ready:
-                line = stream.readline()
+                line = stream.readline().decode()
                 assert line, f"secret-init ended early: {self.finish()} {self.stderr[-2000:]}"
                 if stream is self.proc.stdout:
                     self.lines.append(json.loads(line))
@@ -106,7 +107,7 @@ class Run:
     def finish(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=timeout)
+        out, err = (b.decode() for b in self.proc.communicate(timeout=timeout))
         self.lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         self.stderr += err
         self.logs += log_events(err)
@@ -278,6 +279,30 @@ def test_vault_outage_then_recovery_then_expiry(
     assert run.logged("credentials expired; stopping the app (on_expiry = stop)")
     assert len(run.events("start")) == 1, "one app the whole time"
     assert not [p for p in run.events("probe")[:-3] if not p["ok"]], "probes pass while credentials are valid"
+
+
+def test_on_expiry_keep_runs_on_and_recovers_when_vault_returns(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
+) -> None:
+    """on_expiry = "keep": past expiry the app keeps running; once Vault is back, rotation succeeds."""
+    creds = database.role("3s", "60s")
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name, 'on_expiry = "keep"')
+    run = Run(cfg, db_app, database.pg.port)
+    bao_pid = database.bao.pid
+    try:
+        run.until(starts(1), 20)
+        os.kill(bao_pid, signal.SIGSTOP)
+        try:
+            run.until(lambda r: bool(r.logged("credentials expired; on_expiry = keep, so the app keeps running")), 20)
+        finally:
+            os.kill(bao_pid, signal.SIGCONT)
+        run.until(starts(2), 40)
+        new_user = run.events("start")[1]["user"]
+        run.until(lambda r: len([p for p in r.events("probe") if p["user"] == new_user]) >= 3, 10)
+    finally:
+        assert run.finish() == 0, run.stderr[-3000:]
+    assert run.logged("lease rotated")[0]["reason"] == "retry after a failed rotation"
+    assert all(p["ok"] for p in run.events("probe") if p["user"] == new_user)
 
 
 def test_token_relogin_before_its_max_ttl_and_leases_follow(

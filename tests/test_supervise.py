@@ -115,9 +115,15 @@ def readline(stream: IO[str] | None, timeout: float = 10) -> str:
     import select
 
     assert stream is not None
-    ready, _, _ = select.select([stream], [], [], timeout)
-    assert ready, "the app printed nothing"
-    return stream.readline().strip()
+    raw = stream.buffer.raw  # type: ignore[attr-defined]
+    line = b""
+    while not line.endswith(b"\n"):
+        ready, _, _ = select.select([raw], [], [], timeout)
+        assert ready, "the app printed nothing"
+        chunk = raw.read(1)  # byte by byte: nothing is left waiting in a buffer
+        assert chunk, "the app closed its output"
+        line += chunk
+    return line.decode().strip()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from secret_init.config import SecretSpec
-from secret_init.errors import DataError, MissingFieldError
+from secret_init.errors import DataError, MissingFieldError, SecretInitError
 from secret_init.model import Hidden, Material
 from secret_init.redaction import REDACTOR
 
@@ -44,13 +44,18 @@ def read_vault(client: "VaultClient", specs: Sequence[SecretSpec], max_size: int
         )
         for warning in secret.warnings:
             log.warning("vault warning", path=path, warning=warning)
-        for spec in group:
-            value = render(spec, secret)
-            REDACTOR.add(value)  # numbers and templates included, not only string fields
-            if len(value) > max_size:
-                raise DataError(f"secret {spec.name!r} ({spec.source}): {len(value)} bytes is over max_secret_size")
-            log.info("source read", secret=spec.name, source=str(spec.source), bytes=len(value))
-            materials.append(Material(spec, Hidden(value), lease))
+        try:
+            for spec in group:
+                value = render(spec, secret)
+                REDACTOR.add(value)  # numbers and templates included, not only string fields
+                if len(value) > max_size:
+                    raise DataError(f"secret {spec.name!r} ({spec.source}): {len(value)} bytes is over max_secret_size")
+                log.info("source read", secret=spec.name, source=str(spec.source), bytes=len(value))
+                materials.append(Material(spec, Hidden(value), lease))
+        except SecretInitError:
+            if lease is not None:  # unusable credentials: do not leave them alive
+                client.revoke_lease_quietly(lease.lease_id)
+            raise
     return materials
 
 
