@@ -79,7 +79,10 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_cli
         written = sink.write(output_files(materials, owners))
     except BaseException:
         if client is not None:
-            client.revoke_own_token()  # any lease created so far dies with it
+            from secret_init.sources.vault import revoke_leases
+
+            revoke_leases(client, materials)  # with a supplied token they would outlive us
+            client.revoke_own_token()
         raise
     done = Materialized(user, materials, written, sink, owners, client)
     if client is not None and not keep_client:

@@ -335,6 +335,26 @@ def test_token_relogin_before_its_max_ttl_and_leases_follow(
     assert [p for p in run.events("probe") if not p["ok"]] == []
 
 
+def test_a_failed_start_leaves_no_lease_even_with_a_supplied_token(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """Credentials are issued, then another secret fails: the new lease is revoked, not left to its TTL."""
+    creds = database.role("60s", "120s")
+    token = database.bao.client.auth.token.create(policies=["app-read"], ttl="5m")["auth"]["client_token"]
+    cfg = write_config(
+        workdir,
+        f'[output]\ndir = "{tmpfs}/out"\nuser = "{app_user.name}"\n[vault]\naddr = "{database.bao.addr}"\n'
+        f'[[secret]]\nname = "db_user"\nsource = "vault:{creds}#username"\n'
+        '[[secret]]\nname = "missing"\nsource = "vault:secret/data/app/does-not-exist#k"\n',
+    )
+    result = run_cli("run", "--config", str(cfg), "--", "/bin/true", env=base_env(VAULT_TOKEN=token))
+    assert result.returncode == 66, result.stderr
+    assert [e for e in log_events(result.stderr) if e["event"] == "lease revoked"]
+    assert database.leases(creds) == []
+    assert database.pg.roles(f"v-token-{creds.rsplit('/', 1)[1]}") == set()
+    assert database.bao.client.auth.token.lookup(token)["data"]["ttl"] > 0, "a supplied token is not revoked"
+
+
 STATIC_APP = r"""
 import hashlib, json, os, signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))

@@ -29,34 +29,49 @@ def group_by_path(specs: Sequence[SecretSpec]) -> dict[str, list[SecretSpec]]:
 
 
 def read_vault(client: "VaultClient", specs: Sequence[SecretSpec], max_size: int) -> list[Material]:
-    materials = []
-    for path, group in group_by_path(specs).items():
-        names = ", ".join(s.name for s in group)
-        secret = client.read(path, f"for {names}")
-        lease = secret.lease
-        log.info(
-            "vault read",
-            path=path,
-            fields=len(secret.fields),
-            lease_id=lease.lease_id if lease else None,
-            lease_duration=lease.duration if lease else None,
-            renewable=lease.renewable if lease else None,
-        )
-        for warning in secret.warnings:
-            log.warning("vault warning", path=path, warning=warning)
-        try:
-            for spec in group:
-                value = render(spec, secret)
-                REDACTOR.add(value)  # numbers and templates included, not only string fields
-                if len(value) > max_size:
-                    raise DataError(f"secret {spec.name!r} ({spec.source}): {len(value)} bytes is over max_secret_size")
-                log.info("source read", secret=spec.name, source=str(spec.source), bytes=len(value))
-                materials.append(Material(spec, Hidden(value), lease))
-        except SecretInitError:
-            if lease is not None:  # unusable credentials: do not leave them alive
-                client.revoke_lease_quietly(lease.lease_id)
-            raise
+    """Read each path once and render its secrets; on any failure, revoke the leases made here."""
+    materials: list[Material] = []
+    try:
+        for path, group in group_by_path(specs).items():
+            materials += _read_path(client, path, group, max_size)
+    except SecretInitError:
+        revoke_leases(client, materials)  # unusable or half a set: do not leave credentials alive
+        raise
     return materials
+
+
+def revoke_leases(client: "VaultClient", materials: Sequence[Material]) -> None:
+    for lease_id in sorted({m.lease.lease_id for m in materials if m.lease}):
+        client.revoke_lease_quietly(lease_id)
+
+
+def _read_path(client: "VaultClient", path: str, group: list[SecretSpec], max_size: int) -> list[Material]:
+    secret = client.read(path, f"for {', '.join(s.name for s in group)}")
+    lease = secret.lease
+    log.info(
+        "vault read",
+        path=path,
+        fields=len(secret.fields),
+        lease_id=lease.lease_id if lease else None,
+        lease_duration=lease.duration if lease else None,
+        renewable=lease.renewable if lease else None,
+    )
+    for warning in secret.warnings:
+        log.warning("vault warning", path=path, warning=warning)
+    rendered = []
+    try:
+        for spec in group:
+            value = render(spec, secret)
+            REDACTOR.add(value)  # numbers and templates included, not only string fields
+            if len(value) > max_size:
+                raise DataError(f"secret {spec.name!r} ({spec.source}): {len(value)} bytes is over max_secret_size")
+            log.info("source read", secret=spec.name, source=str(spec.source), bytes=len(value))
+            rendered.append(Material(spec, Hidden(value), lease))
+    except SecretInitError:
+        if lease is not None:
+            client.revoke_lease_quietly(lease.lease_id)
+        raise
+    return rendered
 
 
 def render(spec: SecretSpec, secret: "VaultSecret") -> bytes:
