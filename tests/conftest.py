@@ -199,15 +199,20 @@ print(json.dumps(report))
 """
 
 
+def app_command(workdir: Path, name: str, source: str) -> list[str]:
+    """argv of a Python test app the unprivileged user can run (Debian's python, a 0644 script)."""
+    if not os.path.exists(APP_PYTHON):
+        pytest.skip(f"{APP_PYTHON} is needed to run test apps as an unprivileged user")
+    script = workdir / f"{name}.py"
+    script.write_text(source)
+    script.chmod(0o644)
+    return [APP_PYTHON, str(script)]
+
+
 @pytest.fixture
 def probe(workdir: Path) -> list[str]:
     """argv prefix of an app that reports, as JSON on stdout, everything it can see."""
-    if not os.path.exists(APP_PYTHON):
-        pytest.skip(f"{APP_PYTHON} is needed to run the probe app as an unprivileged user")
-    script = workdir / "probe.py"
-    script.write_text(PROBE)
-    script.chmod(0o644)
-    return [APP_PYTHON, str(script)]
+    return app_command(workdir, "probe", PROBE)
 
 
 # -- a real OpenBao dev server --------------------------------------------------

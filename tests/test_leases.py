@@ -18,11 +18,11 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
-    APP_PYTHON,
     REPO,
     Bao,
     Database,
     UnixUser,
+    app_command,
     base_env,
     log_events,
     needs_root,
@@ -66,12 +66,9 @@ while True:
 
 @pytest.fixture
 def db_app(workdir: Path) -> list[str]:
-    if not os.path.exists(APP_PYTHON) or not os.path.exists("/usr/bin/psql"):
-        pytest.skip("needs /usr/bin/python3 and psql for the probing app")
-    script = workdir / "db_app.py"
-    script.write_text(DB_APP)
-    script.chmod(0o644)
-    return [APP_PYTHON, str(script)]
+    if not os.path.exists("/usr/bin/psql"):
+        pytest.skip("needs psql for the probing app")
+    return app_command(workdir, "db_app", DB_APP)
 
 
 class Run:
@@ -376,9 +373,7 @@ def test_static_vault_secret_refresh_restarts_on_change(
     first, second = random_value(), random_value()
     bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{key}", secret={"k": first})
     role_file, secret_file, _ = bao.approle_credentials("app", workdir)
-    app = workdir / "static_app.py"
-    app.write_text(STATIC_APP)
-    app.chmod(0o644)
+    app = app_command(workdir, "static_app", STATIC_APP)
     cfg = write_config(
         workdir,
         f'[output]\ndir = "{tmpfs}/out"\nuser = "{app_user.name}"\n'
@@ -388,7 +383,7 @@ def test_static_vault_secret_refresh_restarts_on_change(
         f'[[secret]]\nname = "api_key"\nsource = "vault:secret/data/app/{key}#k"\nenv = "API_KEY_FILE"\n',
     )
     proc = subprocess.Popen(
-        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", APP_PYTHON, str(app)],
+        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", *app],
         env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:

@@ -16,9 +16,9 @@ from typing import IO
 import pytest
 
 from tests.conftest import (
-    APP_PYTHON,
     REPO,
     UnixUser,
+    app_command,
     base_env,
     log_events,
     needs_root,
@@ -80,12 +80,7 @@ while True:
 
 @pytest.fixture
 def signal_app(workdir: Path) -> list[str]:
-    if not os.path.exists(APP_PYTHON):
-        pytest.skip(f"{APP_PYTHON} is needed to run the helper app as an unprivileged user")
-    script = workdir / "signal_app.py"
-    script.write_text(SIGNAL_APP)
-    script.chmod(0o644)
-    return [APP_PYTHON, str(script)]
+    return app_command(workdir, "signal_app", SIGNAL_APP)
 
 
 @pytest.fixture
