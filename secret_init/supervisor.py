@@ -166,22 +166,37 @@ class Supervisor:
         return True
 
     def stop_leftovers(self, timeout: float) -> None:
-        """After the app exited: SIGTERM what is left of its group, wait, then SIGKILL."""
-        if not self.kill_group(signal.SIGTERM):
+        """After the app exited: SIGTERM what is left of it, wait up to timeout, then SIGKILL.
+
+        "What is left" is the app's process group and every other descendant: a daemon that
+        left the group with setsid is still re-parented to us, the subreaper.
+        """
+        if not self._signal_leftovers(signal.SIGTERM):
             self.reap()
             return
         deadline = self.clock() + timeout
         while self.clock() < deadline:
             self.reap()
-            if not self._group_alive():
+            if not self._leftovers_alive():
                 return
             time.sleep(_POLL)
-        log.warning("processes left in the app's group after stop_timeout, killing them", pgid=self.pid)
-        self.kill_group(signal.SIGKILL)
-        while self._group_alive():
+        log.warning("processes left behind by the app after stop_timeout, killing them", pgid=self.pid)
+        self._signal_leftovers(signal.SIGKILL)
+        while self._leftovers_alive():
             self.reap()
             time.sleep(_POLL)
         self.reap()
+
+    def _signal_leftovers(self, signum: int) -> bool:
+        found = self.kill_group(signum)
+        for pid in _descendants():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+                found = True
+        return found
+
+    def _leftovers_alive(self) -> bool:
+        return self._group_alive() or bool(_descendants())
 
     def _group_alive(self) -> bool:
         if self.pid is None:
@@ -194,3 +209,15 @@ class Supervisor:
             return e.errno != errno.ESRCH
         # Zombies still count for killpg; once reaped, the group is gone.
         return True
+
+
+def _descendants() -> list[int]:
+    """Living (not zombie) descendants of this process."""
+    import psutil
+
+    alive = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.status() != psutil.STATUS_ZOMBIE:
+                alive.append(child.pid)
+    return alive

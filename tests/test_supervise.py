@@ -61,6 +61,13 @@ if mode == "orphans":
             os.waitpid(-1, 0)
         except ChildProcessError:
             break
+if mode == "escaped":
+    # A daemon that leaves the app's process group (setsid) and ignores SIGTERM.
+    code = ("import os, signal, time; os.setsid(); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('daemon', os.getpid(), flush=True); time.sleep(60)")
+    subprocess.Popen([sys.executable, "-c", code])
+    time.sleep(0.5)
+    sys.exit(0)
 if mode == "leftover":
     # A grandchild in the app's group that ignores SIGTERM, left behind when the app exits.
     code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
@@ -222,6 +229,16 @@ def test_leftovers_are_terminated_then_killed(supervised_config: Path, signal_ap
     assert "killing them" in stderr
     survivors = subprocess.run(["pgrep", "-f", "signal.SIG_IGN"], capture_output=True, text=True, check=False)
     assert survivors.stdout.strip() == ""
+
+
+def test_a_daemon_that_left_the_group_is_stopped_too(supervised_config: Path, signal_app: list[str]) -> None:
+    """tini#180: a grandchild that called setsid escapes killpg; as subreaper secret-init still stops it."""
+    proc = start(supervised_config, [*signal_app, "escaped"])
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    daemon = int(stdout.split("daemon", 1)[1].split()[0])
+    assert "killing them" in stderr
+    assert not Path(f"/proc/{daemon}").exists()
 
 
 def test_as_pid_1_in_a_new_pid_namespace(supervised_config: Path, signal_app: list[str]) -> None:
