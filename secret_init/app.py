@@ -29,6 +29,7 @@ class Materialized:
     sink: Sink
     owners: dict[str, Owner]
     client: "VaultClient | None" = None  # kept only when the caller asked for it
+    owner_lock: int | None = None  # held open for as long as this process owns the dir
 
     @property
     def leased(self) -> bool:
@@ -52,6 +53,14 @@ def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> int:
     execute.exec_app(command, env)
 
 
+def sidecar(cfg: Config, environ: Mapping[str, str]) -> int:
+    """Materialize, then stay: the same renewal, rotation and refresh, with no child."""
+    from secret_init.loop import Supervised
+
+    done = materialize(cfg, environ, for_app=False, keep_client=True)
+    return Supervised(cfg, done, None, {}).run()
+
+
 def render(cfg: Config, environ: Mapping[str, str]) -> None:
     done = materialize(cfg, environ, for_app=False)
     changed = sum(1 for w in done.written if w.changed)
@@ -65,6 +74,7 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_cli
     sink = Sink(cfg.output.dir, user.gid, cfg.output.allow_non_tmpfs)
     sink.check_filesystem()
     sink.prepare()
+    owner_lock = sink.claim()  # before any lease exists: one output dir, one lease owner
     # Local files first: cheap, and a mistake there is found before Vault is asked.
     materials = read_files(cfg, [s for s in cfg.secrets if s.source.kind != "vault"])
     vault_specs = [s for s in cfg.secrets if s.source.kind == "vault"]
@@ -84,7 +94,7 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_cli
             revoke_leases(client, materials)  # with a supplied token they would outlive us
             client.revoke_own_token()
         raise
-    done = Materialized(user, materials, written, sink, owners, client)
+    done = Materialized(user, materials, written, sink, owners, client, owner_lock)
     if client is not None and not keep_client:
         _release_token(client, done)
         done.client = None

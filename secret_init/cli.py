@@ -44,6 +44,11 @@ def build_parser() -> _Parser:
     run = commands.add_parser("run", parents=[common], help="materialize, drop to the app user, exec CMD")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
     commands.add_parser("render", parents=[common], help="materialize, then exit 0")
+    commands.add_parser(
+        "sidecar",
+        parents=[common],
+        help="materialize, then keep the files fresh (renew, rotate, refresh) until stopped",
+    )
     commands.add_parser("check", parents=[common], help="validate config, user, filesystem and Vault access")
     commands.add_parser(
         "health", parents=[common], help="exit 0 when every file exists and no lease is overdue (no Vault call)"
@@ -128,4 +133,6 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "render":
         app.render(cfg, os.environ)
         return 0
+    if args.command == "sidecar":
+        return app.sidecar(cfg, os.environ)
     return app.run(cfg, command, os.environ)

@@ -100,6 +100,12 @@ class ProcessConfig:
 
 
 @dataclass(frozen=True)
+class SidecarConfig:
+    notify_pidfile: str | None = None  # a file holding the app's pid, in a shared PID namespace
+    notify_signal: int = 1  # SIGHUP
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     output: OutputConfig
@@ -107,6 +113,7 @@ class Config:
     process: ProcessConfig
     secrets: tuple[SecretSpec, ...]
     swarm_dir: str = DEFAULT_SWARM_DIR
+    sidecar: SidecarConfig = SidecarConfig()
 
     @property
     def uses_vault(self) -> bool:
@@ -156,12 +163,24 @@ def _parse(data: dict[str, Any], path: str, environ: Mapping[str, str]) -> Confi
     output = _parse_output(root.table("output"))
     vault = _parse_vault(root.table("vault"), environ)
     process = _parse_process(root.table("process"))
+    sidecar = _parse_sidecar(root.table("sidecar"))
     secret_tables = root.table_list("secret")
     root.finish()
     secrets = tuple(_parse_secret(t, output) for t in secret_tables)
     _check_unique(secrets)
     swarm_dir = environ.get("SECRET_INIT_SWARM_DIR") or DEFAULT_SWARM_DIR
-    return Config(path, output, vault, process, secrets, swarm_dir)
+    return Config(path, output, vault, process, secrets, swarm_dir, sidecar)
+
+
+def _parse_sidecar(t: "_Table") -> SidecarConfig:
+    d = SidecarConfig()
+    notify_signal = d.notify_signal
+    name = t.string("notify_signal")
+    if name is not None:
+        notify_signal = _checked(t, "notify_signal", lambda: parse_signal(name))
+    out = SidecarConfig(notify_pidfile=t.abs_path("notify_pidfile"), notify_signal=notify_signal)
+    t.finish()
+    return out
 
 
 def _parse_output(t: "_Table") -> OutputConfig:

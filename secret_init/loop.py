@@ -35,7 +35,8 @@ TICK = 1.0  # reap and refresh status.json at least this often
 
 
 class Supervised:
-    def __init__(self, cfg: Config, done: Materialized, command: list[str], env: Mapping[str, str]) -> None:
+    def __init__(self, cfg: Config, done: Materialized, command: list[str] | None, env: Mapping[str, str]) -> None:
+        """`command` None is the sidecar: no child; SIGTERM or SIGINT ends it."""
         self.cfg = cfg
         self.done = done
         self.command = command
@@ -65,9 +66,10 @@ class Supervised:
         privileges.set_no_new_privs()  # inherited by the app
         try:
             self._start_renewer()
-            self.supervisor.start(self.command, self.env, self.app_user)
+            if self.command is not None:
+                self.supervisor.start(self.command, self.env, self.app_user)
             self._write_status()
-            while self.supervisor.exit_status is None:
+            while self._running():
                 try:
                     event = self.events.get(timeout=self._wait_time())
                 except Empty:
@@ -84,10 +86,17 @@ class Supervised:
                 self.supervisor.stop_leftovers(self.cfg.process.stop_timeout)
             self._shutdown_vault()
             self._write_status(state="stopped")
-        assert self.supervisor.exit_status is not None
-        code = self.forced_exit if self.forced_exit is not None else exit_code(self.supervisor.exit_status)
+        if self.forced_exit is not None:
+            code = self.forced_exit
+        else:
+            code = exit_code(self.supervisor.exit_status) if self.supervisor.exit_status is not None else 0
         log.info("supervisor exiting", exit_code=code)
         return code
+
+    def _running(self) -> bool:
+        if self.command is None:
+            return not self.stopping
+        return self.supervisor.exit_status is None
 
     def _handle(self, event: object) -> None:
         if isinstance(event, SignalEvent):
@@ -96,7 +105,8 @@ class Supervised:
                 return
             if event.signum in (signal.SIGTERM, signal.SIGINT):
                 self.stopping = True
-            self.supervisor.forward(event.signum)
+            if self.command is not None:
+                self.supervisor.forward(event.signum)
         elif self.stopping:
             return  # no rotation starts once the app is being stopped
         elif isinstance(event, Refresh):
@@ -241,7 +251,8 @@ class Supervised:
         log.error("credentials expired; stopping the app (on_expiry = stop)", path=path)
         self.forced_exit = int(ExitCode.TEMPFAIL)
         self.stopping = True
-        self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
+        if self.command is not None:
+            self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
 
     def _shutdown_vault(self) -> None:
         if self.renewer is not None:
@@ -258,6 +269,9 @@ class Supervised:
 
     def _apply_on_rotate(self) -> bool:
         """Restart or signal the app; True when it was restarted."""
+        if self.command is None:
+            self._notify_sidecar_app()
+            return False
         action = self.cfg.process.on_rotate
         self.supervisor.reap()  # an app that already exited is not brought back
         if action == "none" or self.supervisor.pid is None or self.supervisor.exit_status is not None:
@@ -272,6 +286,19 @@ class Supervised:
         new_pid = self.supervisor.start(self.command, self.env, self.app_user)
         log.info("app restarted", old_pid=old_pid, new_pid=new_pid)
         return True
+
+    def _notify_sidecar_app(self) -> None:
+        """Signal the app in another container that shares our PID namespace, if configured."""
+        pidfile = self.cfg.sidecar.notify_pidfile
+        if pidfile is None:
+            return
+        try:
+            with open(pidfile, "rb") as f:
+                pid = int(f.read(32).strip())
+            os.kill(pid, self.cfg.sidecar.notify_signal)
+            log.info("app notified", pid=pid, signal=signal.Signals(self.cfg.sidecar.notify_signal).name)
+        except (OSError, ValueError) as e:
+            log.warning("could not notify the app", pidfile=pidfile, error=str(e))
 
     # -- status ---------------------------------------------------------------------------
 

@@ -20,13 +20,14 @@ from dataclasses import dataclass
 import structlog
 
 from secret_init import fsinfo
-from secret_init.errors import PermissionRefusedError, SecretInitError, WriteError
+from secret_init.errors import ExitCode, PermissionRefusedError, SecretInitError, WriteError
 from secret_init.model import Hidden
 from secret_init.status import STATUS_DIR
 
 log = structlog.get_logger()
 
 TEMP_PREFIX = ".si-tmp-"
+OWNER_LOCK = "owner.lock"
 DIR_MODE = 0o750
 
 
@@ -148,23 +149,60 @@ class Sink:
             results.append(WriteResult(f.name, path, f.name in changed))
         return results
 
+    def claim(self) -> int:
+        """Become the one owner of this directory's leases, or refuse (exit 75).
+
+        An flock on `.secret-init/owner.lock`, held until this process exits (or execs:
+        the descriptor is close-on-exec). It works across containers sharing the volume.
+        """
+        with self._locked_dir() as dfd:
+            sfd = self._status_dir(dfd, None)
+            try:
+                fd = os.open(OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=sfd)
+            except OSError as e:
+                raise WriteError(f"{self.dir}/{STATUS_DIR}/{OWNER_LOCK}: {e.strerror}") from None
+            finally:
+                os.close(sfd)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise SecretInitError(
+                f"output dir {self.dir} is already managed by another secret-init (pid {holder} in its namespace); "
+                "one output dir has one lease owner",
+                ExitCode.TEMPFAIL,
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _status_dir(self, dfd: int, group: int | None) -> int:
+        """Open (creating it if needed) `.secret-init`, 0750 with the app's group."""
+        try:
+            os.mkdir(STATUS_DIR, DIR_MODE, dir_fd=dfd)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise WriteError(f"{self.dir}/{STATUS_DIR}: {e.strerror}") from None
+        try:
+            sfd = os.open(STATUS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
+        except OSError as e:
+            raise PermissionRefusedError(f"{self.dir}/{STATUS_DIR}: {e.strerror}") from None
+        try:
+            if os.geteuid() == 0:
+                os.fchown(sfd, 0, self.dir_group if group is None else group)
+            os.fchmod(sfd, DIR_MODE)
+        except OSError as e:
+            os.close(sfd)
+            raise WriteError(f"{self.dir}/{STATUS_DIR}: {e.strerror}") from None
+        return sfd
+
     def write_status(self, name: str, data: bytes, owner: Owner) -> None:
         """Write `.secret-init/NAME` (0440, readable by the app's group) the same atomic way."""
         with self._locked_dir() as dfd:
+            sfd = self._status_dir(dfd, owner.gid)
             try:
-                os.mkdir(STATUS_DIR, DIR_MODE, dir_fd=dfd)
-            except FileExistsError:
-                pass
-            except OSError as e:
-                raise WriteError(f"{self.dir}/{STATUS_DIR}: {e.strerror}") from None
-            try:
-                sfd = os.open(STATUS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-            except OSError as e:
-                raise PermissionRefusedError(f"{self.dir}/{STATUS_DIR}: {e.strerror}") from None
-            try:
-                if os.geteuid() == 0:
-                    os.fchown(sfd, 0, owner.gid)
-                os.fchmod(sfd, DIR_MODE)
                 self._write_set([OutputFile(name, Hidden(data), 0o440, owner)], sfd)
             finally:
                 os.close(sfd)
@@ -196,9 +234,10 @@ class Sink:
         except OSError as e:
             raise self._error(f, "cannot create a temp file", e) from None
         try:
-            # Owner and mode are final before the first byte lands.
-            os.fchown(fd, f.owner.uid, f.owner.gid)
+            # Owner and mode are final before the first byte lands. Mode first, while the
+            # file is still ours: then no CAP_FOWNER is needed, only CAP_CHOWN.
             os.fchmod(fd, f.mode)
+            os.fchown(fd, f.owner.uid, f.owner.gid)
             _write_all(fd, f.data.reveal())
             os.fsync(fd)
         except OSError as e:

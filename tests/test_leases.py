@@ -74,11 +74,13 @@ def db_app(workdir: Path) -> list[str]:
 class Run:
     """secret-init supervising the probing app; collects the app's lines and the logs as they come."""
 
-    def __init__(self, cfg: Path, app: list[str], port: int) -> None:
+    def __init__(self, cfg: Path, app: list[str] | None, port: int = 0) -> None:
+        """With `app` None this is `secret-init sidecar`."""
         self.cfg = cfg
+        command = ["run", "--config", str(cfg), "--", *app, str(port)] if app else ["sidecar", "--config", str(cfg)]
         # Unbuffered binary pipes: select() then sees every line, none hides in a buffer.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", *app, str(port)],
+            [sys.executable, "-m", "secret_init", *command],
             env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
         )  # fmt: skip
         self.lines: list[dict[str, Any]] = []  # the app's
@@ -350,6 +352,30 @@ def test_a_failed_start_leaves_no_lease_even_with_a_supplied_token(
     assert database.leases(creds) == []
     assert database.pg.roles(f"v-token-{creds.rsplit('/', 1)[1]}") == set()
     assert database.bao.client.auth.token.lookup(token)["data"]["ttl"] > 0, "a supplied token is not revoked"
+
+
+def test_sidecar_keeps_files_fresh_and_is_the_only_lease_owner(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """No child: the sidecar renews and rotates into the shared dir; a second owner is refused."""
+    creds = database.role("3s", "9s")
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, f"{app_user.uid}:{app_user.gid}")
+    sidecar = Run(cfg, None)
+    try:
+        sidecar.until(lambda r: bool(r.logged("lease tracked")), 20)
+        first_user = (tmpfs / "out" / "db_user").read_text()
+        for command in (["sidecar"], ["render"], ["run", "--", "/bin/true"]):
+            second = run_cli(command[0], "--config", str(cfg), *command[1:])
+            assert second.returncode == 75, second.stderr
+            assert "already managed by another secret-init" in second.stderr
+        assert len(database.leases(creds)) == 1, "the refused starts issued no credentials"
+        sidecar.until(lambda r: bool(r.logged("lease rotated")), 20)
+        assert (tmpfs / "out" / "db_user").read_text() != first_user
+        assert run_cli("health", "--config", str(cfg)).returncode == 0
+    finally:
+        code = sidecar.finish()
+    assert code == 0, sidecar.stderr[-3000:]
+    assert database.leases(creds) == []
 
 
 STATIC_APP = r"""
