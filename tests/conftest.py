@@ -193,6 +193,8 @@ def attempt(fn):
 report["create_in_dir"] = attempt(lambda: open(os.path.join(out_dir, "intruder"), "x").close())
 names = sorted(n for n in os.listdir(out_dir) if not n.startswith("."))
 report["listing"] = names
+report["stat"] = {n: [os.stat(os.path.join(out_dir, n)).st_mode & 0o7777, os.stat(os.path.join(out_dir, n)).st_uid]
+                  for n in names}
 if names:
     report["unlink_file"] = attempt(lambda: os.unlink(os.path.join(out_dir, names[0])))
 print(json.dumps(report))

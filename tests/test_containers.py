@@ -1,0 +1,189 @@
+"""The image on a real Docker engine: hardened `docker run`, a Swarm service, a Compose sidecar.
+
+Everything stays on loopback: containers use `--network host` (or none), nothing is
+published, and the engine has no bridge. The engine, the swarm and every container are
+torn down by the fixtures.
+"""
+
+import json
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import PROBE, Bao, Database, assert_no_leak, random_secret
+from tests.engine import Engine, build_image, engine_missing, start_engine, stop_engine
+from tests.test_leases import DB_APP
+
+HARDENED = [
+    "--pull", "never", "--read-only", "--cap-drop", "ALL",
+    "--cap-add", "CHOWN", "--cap-add", "SETUID", "--cap-add", "SETGID",
+    "--security-opt", "no-new-privileges",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[Engine]:
+    reason = engine_missing()
+    if reason:
+        pytest.skip(reason)
+    engine = start_engine()
+    try:
+        yield engine
+    finally:
+        stop_engine(engine)
+
+
+@pytest.fixture(scope="module")
+def image(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build_image(engine, tmp_path_factory.mktemp("image"))
+
+
+@pytest.fixture
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """A world-readable dir for files the containers mount."""
+    path = tmp_path_factory.mktemp("shared")
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    out = []
+    for line in text.splitlines():
+        line = line[line.find("{") :] if "{" in line else ""
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def test_image_runs_hardened(engine: Engine, image: str, shared: Path) -> None:
+    """Read-only rootfs, only CHOWN/SETUID/SETGID, no-new-privileges, a tmpfs for the files."""
+    value = random_secret("img")
+    (shared / "app_secret").write_text(value)
+    (shared / "probe.py").write_text(PROBE)
+    token = random_secret("tok")
+    result = engine.docker(
+        "run", "--rm", "--network", "none", *HARDENED,
+        "--tmpfs", "/run/app-secrets:mode=1777,size=1m",
+        "-v", f"{shared}/app_secret:/run/secrets/app_secret:ro",
+        "-v", f"{shared}/probe.py:/probe.py:ro",
+        "-e", f"VAULT_TOKEN={token}", "-e", "BAO_ADDR=http://127.0.0.1:1",
+        image, "python3", "/probe.py", "/run/app-secrets",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json_lines(result.stdout)[-1]
+    assert report["resuid"] == [10001] * 3 and report["resgid"] == [10001] * 3
+    assert report["setuid0"] == "denied"
+    assert report["no_new_privs"] == "1"
+    assert not [k for k in report["env"] if k.startswith(("VAULT_", "BAO_", "SECRET_INIT_"))]
+    assert report["env"]["APP_SECRET_FILE"] == "/run/app-secrets/app_secret"
+    assert report["stat"] == {"app_secret": [0o400, 10001]}
+    assert report["create_in_dir"] == "Permission denied"
+    # A bind-mounted file secret is on the host's disk: secret-init says so.
+    assert any(e.get("event", "").startswith("source file is on a disk") for e in json_lines(result.stderr))
+    assert_no_leak(result.stdout + result.stderr, value, token)
+
+
+def test_image_refuses_a_disk_output_dir(engine: Engine, image: str, shared: Path) -> None:
+    (shared / "app_secret").write_text(random_secret())
+    result = engine.docker(
+        "run", "--rm", "--network", "none", "--pull", "never",
+        "-v", f"{shared}/app_secret:/run/secrets/app_secret:ro", image, "true",
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 77
+    assert "not tmpfs" in result.stderr
+
+
+@pytest.fixture
+def swarm(engine: Engine) -> Iterator[Engine]:
+    engine.docker("swarm", "init", "--advertise-addr", "127.0.0.1", "--listen-addr", "127.0.0.1:2377")
+    try:
+        yield engine
+    finally:
+        engine.docker("swarm", "leave", "--force", check=False)
+        engine.docker("network", "rm", "docker_gwbridge", check=False)
+
+
+def test_swarm_service_with_approle_and_rotating_db_credentials(
+    swarm: Engine, image: str, database: Database, shared: Path
+) -> None:
+    """AppRole credentials and a static password arrive as Swarm secrets; DB credentials rotate inside."""
+    bao: Bao = database.bao
+    creds = database.role("3s", "9s")
+    role_id = bao.client.auth.approle.read_role_id("app")["data"]["role_id"]
+    secret_id = bao.client.auth.approle.generate_secret_id("app")["data"]["secret_id"]
+    password = random_secret("static")
+    tag = secrets.token_hex(3)
+    for name, value in (("vault_role_id", role_id), ("vault_secret_id", secret_id), ("static_password", password)):
+        swarm.docker("secret", "create", f"{name}_{tag}", "-", input=value)
+    config = f"""
+[output]
+dir = "/run/app-secrets"
+user = "app"
+[vault]
+addr = "{bao.addr}"
+auth = "approle"
+role_id_file = "/run/secrets/vault_role_id"
+secret_id_file = "/run/secrets/vault_secret_id"
+request_timeout = "2s"
+[process]
+stop_timeout = "2s"
+[[secret]]
+name = "static_password"
+source = "swarm:static_password"
+[[secret]]
+name = "db_user"
+source = "vault:{creds}#username"
+env = "DB_USER_FILE"
+[[secret]]
+name = "db_password"
+source = "vault:{creds}#password"
+env = "DB_PASSWORD_FILE"
+"""
+    swarm.docker("config", "create", f"si_config_{tag}", "-", input=config)
+    (shared / "db_app.py").write_text(DB_APP)
+    service = f"si-app-{tag}"
+    swarm.docker(
+        "service", "create", "--detach", "--name", service, "--no-resolve-image", "--network", "host",
+        "--restart-condition", "none",
+        "--secret", f"source=vault_role_id_{tag},target=vault_role_id,mode=0400",
+        "--secret", f"source=vault_secret_id_{tag},target=vault_secret_id,mode=0400",
+        "--secret", f"source=static_password_{tag},target=static_password,mode=0400",
+        "--config", f"source=si_config_{tag},target=/etc/secret-init/config.toml,mode=0444",
+        "--mount", "type=tmpfs,destination=/run/app-secrets",
+        "--mount", f"type=bind,source={shared}/db_app.py,destination=/db_app.py,readonly",
+        image, "python3", "/db_app.py", str(database.pg.port),
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 90
+        app: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            logs = swarm.docker("service", "logs", "--raw", service, check=False)
+            app = [e for e in json_lines(logs.stdout + logs.stderr) if "level" not in e and "event" in e]
+            if len([e for e in app if e["event"] == "start"]) >= 3:
+                break
+            time.sleep(1)
+        starts = [e for e in app if e["event"] == "start"]
+        assert len(starts) >= 3, f"fewer than two rotations: {logs.stdout[-2000:]}{logs.stderr[-2000:]}"
+        probes = [e for e in app if e["event"] == "probe"]
+        assert probes and [p for p in probes if not p["ok"]] == []
+        assert len({s["user"] for s in starts}) == len(starts)
+        everything = logs.stdout + logs.stderr
+        assert_no_leak(everything, secret_id, password)
+        sources = [e for e in json_lines(everything) if e.get("event") == "source read"]
+        assert {"static_password", "db_user", "db_password"} <= {e["secret"] for e in sources}
+    finally:
+        swarm.docker("service", "rm", service, check=False)
+    deadline = time.monotonic() + 30
+    while database.leases(creds) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert database.leases(creds) == [], "the task's secret-init revoked its lease when the service was removed"
