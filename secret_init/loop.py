@@ -211,9 +211,9 @@ class Supervised:
         )
         restarted = self._apply_on_rotate() if changed else False
         if old is not None:
-            if restarted or self.cfg.process.on_rotate == "restart":
+            if restarted:  # the old app is gone: nothing uses the old credentials
                 self._revoke(old.lease_id)
-            else:
+            else:  # signalled, or a sidecar's app: give it stop_timeout to switch
                 self.pending_revokes.append((time.monotonic() + self.cfg.process.stop_timeout, old.lease_id))
 
     def _refresh(self, path: str) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PROBE, Bao, Database, assert_no_leak, random_secret
+from tests.conftest import PROBE, REPO, Bao, Database, assert_no_leak, random_secret
 from tests.engine import Engine, build_image, engine_missing, start_engine, stop_engine
 from tests.test_leases import DB_APP
 
@@ -187,3 +187,77 @@ env = "DB_PASSWORD_FILE"
     while database.leases(creds) and time.monotonic() < deadline:
         time.sleep(0.5)
     assert database.leases(creds) == [], "the task's secret-init revoked its lease when the service was removed"
+
+
+def test_compose_sidecar_fills_a_shared_tmpfs_and_stays_the_only_owner(
+    engine: Engine, image: str, database: Database, shared: Path
+) -> None:
+    """compose/sidecar.yml with this machine's overrides: the suite's OpenBao and PostgreSQL on
+    127.0.0.1, host networking, the test image. The app waits for the sidecar to be healthy,
+    becomes healthy itself, and keeps working across rotations; a second sidecar is refused."""
+    bao = database.bao
+    creds = database.role("3s", "9s")
+    project = shared / "compose"
+    shutil.copytree(REPO / "compose", project)
+    (project / "postgres_password.txt").write_text(random_secret())
+    approle = shared / "approle"
+    approle.mkdir()
+    (approle / "vault_role_id").write_text(bao.client.auth.approle.read_role_id("app")["data"]["role_id"])
+    secret_id = bao.client.auth.approle.generate_secret_id("app")["data"]["secret_id"]
+    (approle / "vault_secret_id").write_text(secret_id)
+    (project / "sidecar.toml").write_text(
+        (project / "sidecar.toml")
+        .read_text()
+        .replace("http://openbao:8200", bao.addr)
+        .replace("database/creds/app", creds)
+        + '\n[process]\nstop_timeout = "2s"\n'
+    )
+    (shared / "db_app.py").write_text(DB_APP)
+    override = project / "override.test.yml"
+    override.write_text(f"""
+services:
+  secret-init:
+    image: {image}
+    build: !reset null
+    pull_policy: never
+    network_mode: host
+    depends_on: !reset {{}}
+    volumes:
+      - {approle}:/run/secrets:ro
+  app:
+    image: {image}
+    build: !reset null
+    pull_policy: never
+    network_mode: host
+    environment:
+      DB_JSON_FILE: /run/app-secrets/db.json
+    entrypoint: ["python3", "/db_app.py", "{database.pg.port}"]
+    volumes:
+      - {shared}/db_app.py:/db_app.py:ro
+""")
+    name = f"si{secrets.token_hex(3)}"
+    files = ["-p", name, "-f", str(project / "sidecar.yml"), "-f", str(override)]
+    try:
+        engine.compose(*files, "up", "-d", "app", timeout=300)
+        app_id = engine.compose(*files, "ps", "-q", "app").stdout.strip()
+        deadline = time.monotonic() + 60
+        while engine.docker("inspect", "-f", "{{.State.Health.Status}}", app_id).stdout.strip() != "healthy":
+            assert time.monotonic() < deadline, "the app never became healthy"
+            time.sleep(1)
+        second = engine.compose(*files, "run", "--rm", "--no-deps", "secret-init", check=False, timeout=120)
+        assert second.returncode == 75, second.stdout + second.stderr
+        assert "already managed by another secret-init" in second.stdout + second.stderr
+        deadline = time.monotonic() + 60
+        while True:
+            logs = engine.compose(*files, "logs", "--no-log-prefix", "app").stdout
+            probes = [e for e in json_lines(logs) if e.get("event") == "probe"]
+            if len({p["user"] for p in probes}) >= 3 or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert len({p["user"] for p in probes}) >= 3, "the app saw two rotations"
+        assert [p for p in probes if not p["ok"]] == []
+        sidecar_logs = engine.compose(*files, "logs", "--no-log-prefix", "secret-init").stdout
+        assert_no_leak(logs + sidecar_logs, secret_id)
+    finally:
+        engine.compose(*files, "down", "-v", "--timeout", "20", check=False, timeout=180)
+    assert database.leases(creds) == [], "the sidecar revoked its leases when Compose stopped it"

@@ -41,6 +41,10 @@ def say(**event):
     print(json.dumps(event), flush=True)
 def load():
     global user, password
+    if "DB_JSON_FILE" in os.environ:  # one file holding both: safe to re-read at any moment
+        creds = json.load(open(os.environ["DB_JSON_FILE"]))
+        user, password = creds["username"], creds["password"]
+        return
     user = open(os.environ["DB_USER_FILE"]).read()
     password = open(os.environ["DB_PASSWORD_FILE"]).read()
 def on_hup(signum, frame):
@@ -54,6 +58,8 @@ signal.signal(signal.SIGTERM, on_term)
 load()
 say(event="start", user=user)
 while True:
+    if "DB_JSON_FILE" in os.environ:
+        load()
     r = subprocess.run(
         ["psql", "-h", "127.0.0.1", "-p", port, "-U", user, "-d", "postgres", "-w", "-tAc", "select 1"],
         env={"PGPASSWORD": password, "PATH": "/usr/bin:/bin", "PGCONNECT_TIMEOUT": "2"},
