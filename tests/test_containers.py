@@ -261,3 +261,30 @@ services:
     finally:
         engine.compose(*files, "down", "-v", "--timeout", "20", check=False, timeout=180)
     assert database.leases(creds) == [], "the sidecar revoked its leases when Compose stopped it"
+
+
+def test_compose_entrypoint_file_runs_hardened(engine: Engine, image: str, shared: Path) -> None:
+    """compose/entrypoint.yml as users run it, only with the test image instead of a build."""
+    project = shared / "compose"
+    shutil.copytree(REPO / "compose", project)
+    value = random_secret("compose")
+    (project / "app_secret.txt").write_text(value)
+    override = project / "override.test.yml"
+    override.write_text(f"services:\n  app:\n    image: {image}\n    build: !reset null\n    pull_policy: never\n")
+    name = f"si{secrets.token_hex(3)}"
+    files = ["-p", name, "-f", str(project / "entrypoint.yml"), "-f", str(override)]
+    try:
+        result = engine.compose(*files, "run", "--rm", "app", check=False, timeout=120)
+    finally:
+        engine.compose(*files, "down", "-v", check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "(10001, 10001, 10001)" in result.stdout, "the demo app runs as the app user"
+    assert "app_secret       mode 0400  owner 10001:10001" in result.stdout
+    assert "setuid(0): Operation not permitted" in result.stdout
+    assert_no_leak(result.stdout + result.stderr, value)
+
+
+def test_compose_stack_file_is_valid(engine: Engine) -> None:
+    result = engine.compose("-f", str(REPO / "compose" / "stack.yml"), "config", check=False)
+    assert result.returncode == 0, result.stderr
+    assert "/run/app-secrets" in result.stdout and "vault_role_id" in result.stdout
