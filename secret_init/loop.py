@@ -45,7 +45,6 @@ class Supervised:
         self.supervisor = Supervisor(self.events)
         self.client: VaultClient | None = done.client
         self.renewer: Renewer | None = None
-        self.materials = {m.spec.name: m for m in done.materials}
         self.leases: dict[str, Lease] = {m.spec.source.path: m.lease for m in done.materials if m.lease}
         self.created: set[str] = set(lease.lease_id for lease in self.leases.values())
         self.last_rotation: dict[str, float] = {}
@@ -229,8 +228,6 @@ class Supervised:
         self.renewer.refreshed(path)
 
     def _write(self, fresh: list[Material]) -> bool:
-        for m in fresh:
-            self.materials[m.spec.name] = m
         written = self.done.sink.write(output_files(fresh, self.done.owners))
         return any(w.changed for w in written)
 

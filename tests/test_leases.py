@@ -385,6 +385,38 @@ def test_sidecar_keeps_files_fresh_and_is_the_only_lease_owner(
     assert database.leases(creds) == []
 
 
+def test_sidecar_signals_the_app_through_its_pidfile(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
+) -> None:
+    """[sidecar] notify_pidfile: after a rotation the sidecar sends SIGHUP to the pid in the file."""
+    creds = database.role("3s", "9s")
+    pidfile = workdir / "app.pid"
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, f"{app_user.uid}:{app_user.gid}")
+    cfg.write_text(cfg.read_text() + f'\n[sidecar]\nnotify_pidfile = "{pidfile}"\n')
+    sidecar = Run(cfg, None)
+    app = None
+    try:
+        sidecar.until(lambda r: bool(r.logged("lease tracked")), 20)
+        env = base_env(DB_USER_FILE=f"{tmpfs}/out/db_user", DB_PASSWORD_FILE=f"{tmpfs}/out/db_password")
+        app = subprocess.Popen(
+            ["setpriv", f"--reuid={app_user.uid}", f"--regid={app_user.gid}", "--clear-groups", *db_app,
+             str(database.pg.port)],
+            env=env, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        pidfile.write_text(f"{app.pid}\n")
+        sidecar.until(lambda r: bool(r.logged("app notified")), 20)
+        assert sidecar.logged("app notified")[0]["pid"] == app.pid
+    finally:
+        code = sidecar.finish()
+        if app is not None:
+            app.terminate()
+            out, _ = app.communicate(timeout=10)
+    assert code == 0, sidecar.stderr[-2000:]
+    lines = [json.loads(line) for line in out.splitlines()]
+    reloads = [e for e in lines if e["event"] == "reload"]
+    assert reloads and reloads[0]["user"] != lines[0]["user"], "the app re-read rotated credentials"
+
+
 STATIC_APP = r"""
 import hashlib, json, os, signal, sys, time
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
