@@ -71,6 +71,11 @@ def write_config(directory: Path, text: str) -> Path:
     return path
 
 
+def secret_files(directory: Path) -> list[str]:
+    """The names in an output dir, less secret-init's own state (.secret-init/)."""
+    return sorted(p.name for p in directory.iterdir() if not p.name.startswith("."))
+
+
 def random_secret(prefix: str = "s") -> str:
     return f"{prefix}-{secrets.token_urlsafe(18)}"
 

@@ -23,6 +23,7 @@ from tests.conftest import (
     needs_root,
     random_secret,
     run_cli,
+    secret_files,
     write_config,
 )
 
@@ -217,7 +218,7 @@ def test_bad_sources_fail_without_writing_anything(
     assert result.returncode == code, result.stderr
     assert message in result.stderr
     assert next(e for e in log_events(result.stderr) if e["level"] == "error")["exit_code"] == code
-    assert [p.name for p in scene.out.iterdir()] == []
+    assert secret_files(scene.out) == []
 
 
 def test_non_tmpfs_output_is_refused(scene: Scene, disk_dir: Path, app_user: UnixUser) -> None:
@@ -433,7 +434,7 @@ def test_full_output_tmpfs_is_73_and_keeps_old_files(small_tmpfs: Path, workdir:
     assert result.returncode == 73, result.stderr
     errors = [e for e in log_events(result.stderr) if e["level"] == "error"]
     assert len(errors) == 1 and "No space left on device" in errors[0]["event"]
-    assert sorted(p.name for p in out.iterdir()) == ["small"]
+    assert secret_files(out) == ["small"]
     assert (out / "small").read_text() == "v1"
 
 

@@ -19,6 +19,7 @@ from tests.conftest import (
     needs_root,
     random_secret,
     run_cli,
+    secret_files,
     write_config,
 )
 
@@ -177,7 +178,7 @@ def test_missing_field_is_65_and_nothing_is_written(setup: Setup, shape: str) ->
     assert setup.bao.token_accessors() == accessors, "the login token is revoked on failure too"
     assert "nope" in result.stderr and "'bad'" in result.stderr
     assert "stripe_key" in result.stderr  # the field names that exist are listed; their values are not
-    assert [p.name for p in setup.out.iterdir()] == []
+    assert secret_files(setup.out) == []
     assert_no_leak(result.stderr, *setup.values())
 
 
@@ -238,7 +239,7 @@ def test_vault_down_exits_69_within_startup_timeout(setup: Setup) -> None:
     retries = [e for e in log_events(result.stderr) if e["event"] == "vault request failed, retrying"]
     assert len(retries) >= 2
     assert 2.0 <= elapsed < 2.0 + 10, "gives up after startup_timeout, not before and not much later"
-    assert not setup.out.exists() or list(setup.out.iterdir()) == []
+    assert not setup.out.exists() or secret_files(setup.out) == []
 
 
 def test_run_with_vault_keeps_vault_out_of_the_app(setup: Setup, app_user: UnixUser, probe: list[str]) -> None:
