@@ -288,3 +288,21 @@ def test_compose_stack_file_is_valid(engine: Engine) -> None:
     result = engine.compose("-f", str(REPO / "compose" / "stack.yml"), "config", check=False)
     assert result.returncode == 0, result.stderr
     assert "/run/app-secrets" in result.stdout and "vault_role_id" in result.stdout
+
+
+def test_image_supervises_hardened_with_kill_added(engine: Engine, image: str, shared: Path) -> None:
+    """Supervise mode under the same hardening plus KILL: the app's exit code comes through."""
+    (shared / "app_secret").write_text(random_secret("sup"))
+    config = (REPO / "compose" / "image-config.toml").read_text() + "\n[process]\nsupervise = true\n"
+    (shared / "config.toml").write_text(config)
+    result = engine.docker(
+        "run", "--rm", "--network", "none", *HARDENED, "--cap-add", "KILL",
+        "--tmpfs", "/run/app-secrets:mode=1777,size=1m",
+        "-v", f"{shared}/app_secret:/run/secrets/app_secret:ro",
+        "-v", f"{shared}/config.toml:/etc/secret-init/config.toml:ro",
+        image, "sh", "-c", 'test "$(id -u)" = 10001 && test -r "$APP_SECRET_FILE" && exit 7',
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 7, result.stderr
+    events = [e.get("event") for e in json_lines(result.stderr)]
+    assert "app started" in events and "supervisor exiting" in events
