@@ -301,15 +301,20 @@ def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bao]:
     client = hvac.Client(url=addr, token=token)
     try:
         wait_ready(client, server, state / "server.log")
-        client.sys.enable_auth_method("approle")
-        client.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
-        client.sys.create_or_update_policy("app-read", APP_POLICY)
-        client.auth.approle.create_or_update_approle(
-            "app", token_policies=["app-read"], token_ttl="60s", token_max_ttl="120s"
-        )
+        configure_bao(client)
         yield Bao(addr, token, state / "audit.log", client, server.pid)
     finally:
         stop_bao(server)
+
+
+def configure_bao(client: Any) -> None:
+    """AppRole with role "app" (policy app-read) and a KV v1 mount at kv1/."""
+    client.sys.enable_auth_method("approle")
+    client.sys.enable_secrets_engine("kv", path="kv1", options={"version": "1"})
+    client.sys.create_or_update_policy("app-read", APP_POLICY)
+    client.auth.approle.create_or_update_approle(
+        "app", token_policies=["app-read"], token_ttl="60s", token_max_ttl="120s"
+    )
 
 
 def wait_ready(client: Any, server: subprocess.Popen[bytes], log: Path) -> None:
@@ -349,17 +354,13 @@ class Postgres:
         return {r for r in self.sql("select rolname from pg_roles").splitlines() if r.startswith(prefix)}
 
 
-def _postgres_bin() -> Path | None:
+def postgres_bin() -> Path | None:
     candidates = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
     return candidates[-1].parent if candidates else None
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[Postgres]:
+def start_postgres(bin_dir: Path) -> Postgres:
     """A throwaway cluster on 127.0.0.1, run as the postgres user (initdb refuses root)."""
-    bin_dir = _postgres_bin()
-    if not IS_ROOT or bin_dir is None:
-        pytest.skip("needs root and Debian's postgresql package (scripts/bootstrap installs it)")
     base = Path(tempfile.mkdtemp(prefix="si-pg-", dir="/tmp"))
     shutil.chown(base, "postgres")
     password = secrets.token_hex(16)
@@ -379,14 +380,28 @@ def postgres() -> Iterator[Postgres]:
          "start"],
         check=True, capture_output=True,
     )  # fmt: skip
+    return Postgres(port, password, bin_dir, base)
+
+
+def stop_postgres(pg: Postgres) -> None:
+    subprocess.run(
+        ["runuser", "-u", "postgres", "--", str(pg.bin_dir / "pg_ctl"), "-D", str(pg.socket_dir / "data"),
+         "-m", "immediate", "stop"],
+        check=False, capture_output=True,
+    )  # fmt: skip
+    shutil.rmtree(pg.socket_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Postgres]:
+    bin_dir = postgres_bin()
+    if not IS_ROOT or bin_dir is None:
+        pytest.skip("needs root and Debian's postgresql package (scripts/bootstrap installs it)")
+    pg = start_postgres(bin_dir)
     try:
-        yield Postgres(port, password, bin_dir, base)
+        yield pg
     finally:
-        subprocess.run(
-            [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(base / "data"), "-m", "immediate", "stop"],
-            check=False, capture_output=True,
-        )  # fmt: skip
-        shutil.rmtree(base, ignore_errors=True)
+        stop_postgres(pg)
 
 
 @dataclass
@@ -417,6 +432,10 @@ class Database:
 
 @pytest.fixture(scope="session")
 def database(bao: Bao, postgres: Postgres) -> Database:
+    return connect_database(bao, postgres)
+
+
+def connect_database(bao: Bao, postgres: Postgres) -> Database:
     """OpenBao's database secrets engine at database/, connected to the throwaway cluster."""
     bao.client.sys.enable_secrets_engine("database", path="database")
     bao.client.write(
