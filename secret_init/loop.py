@@ -64,9 +64,11 @@ class Supervised:
         self.supervisor.install()
         privileges.set_no_new_privs()  # inherited by the app
         try:
-            self._start_renewer()
+            # The app first: its credentials are fresh, and learning the token's and the
+            # leases' max TTLs (a few Vault calls) need not delay it.
             if self.command is not None:
                 self.supervisor.start(self.command, self.env, self.app_user)
+            self._start_renewer()
             self._write_status()
             while self._running():
                 try:
