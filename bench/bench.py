@@ -16,6 +16,7 @@ median, min and max of the counted runs.
 """
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -24,11 +25,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -279,6 +282,122 @@ auto_auth {{
     ]
 
 
+@dataclass
+class Rotation:
+    command: str
+    restarts: int
+    margins: list[float]  # old credentials' expiry minus the new app's start, per restart
+    downtimes: list[float]  # old app's stop to new app's start
+    probes: int
+    failed: int
+
+    def row(self, max_ttl: float) -> str:
+        margin = f"{min(self.margins):.2f} / {statistics.median(self.margins):.2f}" if self.margins else "n/a"
+        share = f"{100 * min(self.margins) / max_ttl:.0f}%" if self.margins else "n/a"
+        down = f"{1000 * statistics.median(self.downtimes):.0f}" if self.downtimes else "n/a"
+        return f"| {self.command} | {self.restarts} | {margin} | {share} | {down} | {self.probes} | {self.failed} |"
+
+
+class RoleWatch(threading.Thread):
+    """Polls pg_roles every 100 ms: when a dynamic role first appears is when it was issued."""
+
+    def __init__(self, pg: Any) -> None:
+        super().__init__(daemon=True)
+        self.pg = pg
+        self.first_seen: dict[str, float] = {}
+        self.stopping = False
+
+    def run(self) -> None:
+        while not self.stopping:
+            before = time.time()
+            for name in self.pg.roles("v-"):
+                # It existed by `before` at the earliest poll that lists it: take the poll's start.
+                self.first_seen.setdefault(name, before)
+            time.sleep(0.1)
+
+
+def rotation_stats(command: str, lines: list[dict[str, Any]], watch: RoleWatch, ttl: float, max_ttl: float) -> Rotation:
+    starts = [e for e in lines if e["event"] == "start"]
+    stops = {e["pid"]: e for e in lines if e["event"] == "stop"}
+    probes = [e for e in lines if e["event"] == "probe"]
+    margins, downtimes = [], []
+    for old, new in itertools.pairwise(starts):
+        issued = watch.first_seen.get(old["user"])
+        if issued is not None:  # the role dies at issue + max_ttl (up to 0.1 s later than this says)
+            margins.append(issued + max_ttl - new["t"])
+        old_probes = [p for p in probes if p["pid"] == old["pid"]]
+        last_of_old = stops.get(old["pid"]) or (max(old_probes, key=lambda p: p["t"]) if old_probes else None)
+        if last_of_old is not None:
+            downtimes.append(new["t"] - last_of_old["t"])
+    return Rotation(command, len(starts) - 1, margins, downtimes, len(probes), sum(1 for p in probes if not p["ok"]))
+
+
+def case_4(bao: Bao, bao_binary: str, database: Any, pg: Any, work: Path, seconds: float) -> list[Rotation]:
+    from tests.test_leases import DB_APP
+
+    ours_path, agent_path = database.role("4s", "12s"), database.role("4s", "12s")
+    app = work / "db_app.py"
+    app.write_text(DB_APP)
+    app.chmod(0o644)
+    (work / "role_id").write_text(bao.client.auth.approle.read_role_id("app")["data"]["role_id"])
+    (work / "secret_id").write_text(bao.client.auth.approle.generate_secret_id("app")["data"]["secret_id"])
+    port = str(pg.port)
+    config = work / "rotation.toml"
+    config.write_text(
+        f'[output]\ndir = "{work}/out"\nuser = "{USER}"\n'
+        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{work}/role_id"\n'
+        f'secret_id_file = "{work}/secret_id"\n[process]\nstop_timeout = "2s"\n'
+        f'[[secret]]\nname = "db_user"\nsource = "vault:{ours_path}#username"\nenv = "DB_USER_FILE"\n'
+        f'[[secret]]\nname = "db_password"\nsource = "vault:{ours_path}#password"\nenv = "DB_PASSWORD_FILE"\n'
+    )
+    agent_hcl = work / "agent-exec.hcl"
+    with_secret = f'{{{{ with secret \\"{agent_path}\\" }}}}'
+    agent_hcl.write_text(f"""
+vault {{ address = "{bao.addr}" }}
+auto_auth {{
+  method "approle" {{
+    config = {{
+      role_id_file_path = "{work}/role_id"
+      secret_id_file_path = "{work}/secret_id"
+      remove_secret_id_file_after_reading = false
+    }}
+  }}
+}}
+env_template "DB_USER" {{
+  contents = "{with_secret}{{{{ .Data.username }}}}{{{{ end }}}}"
+  error_on_missing_key = true
+}}
+env_template "DB_PASSWORD" {{
+  contents = "{with_secret}{{{{ .Data.password }}}}{{{{ end }}}}"
+  error_on_missing_key = true
+}}
+exec {{
+  command = ["/usr/bin/python3", "{app}", "{port}"]
+  restart_on_secret_changes = "always"
+  restart_stop_signal = "SIGTERM"
+}}
+""")
+    env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config), "HOME": str(work)}
+    watch = RoleWatch(pg)
+    watch.start()
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL, "text": True}
+    ours = subprocess.Popen([SECRET_INIT, "run", "--", "/usr/bin/python3", str(app), port], env=env, **pipes)
+    agent = subprocess.Popen([bao_binary, "agent", f"-config={agent_hcl}"], env=env, **pipes)
+    try:
+        time.sleep(seconds)
+    finally:
+        outputs = []
+        for proc in (agent, ours):
+            proc.terminate()
+            outputs.append(proc.communicate(timeout=60)[0])
+        watch.stopping = True
+    parsed = [[json.loads(x) for x in out.splitlines() if x.startswith("{")] for out in outputs]
+    return [
+        rotation_stats("bao agent exec mode (env vars)", parsed[0], watch, 4.0, 12.0),
+        rotation_stats("secret-init run (files)", parsed[1], watch, 4.0, 12.0),
+    ]
+
+
 def case_5a(runs: int) -> list[Result]:
     with tmpfs() as work:
         config = file_secrets_config(work, 1000)
@@ -308,6 +427,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=20, help="counted runs per command (default 20)")
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
     parser.add_argument("--seconds", type=float, default=60, help="length of the resident cases (default 60)")
+    parser.add_argument("--rotation-seconds", type=float, default=45, help="length of case 4 (default 45)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: run as root (tmpfs mounts, privilege drop)", file=sys.stderr)
@@ -340,6 +460,8 @@ def main() -> int:
         for leases in (1, 50):
             with tmpfs() as work:
                 resident.append(case_2_3(bao, binary, database, work, leases, args.seconds))
+        with tmpfs() as work:
+            rotations = case_4(bao, binary, database, pg, work, args.rotation_seconds)
     finally:
         stop_postgres(pg)
         stop_bao(server)
@@ -360,6 +482,15 @@ def main() -> int:
         for r in pair:
             print(r.row())
         print(f"| | ratio secret-init / agent | {ours.peak_rss_mib / agent.peak_rss_mib:.2f}x | | | |")
+    print()
+    print("Case 4: default_ttl 4s, max_ttl 12s, an app that logs in every 100 ms, both at once.")
+    print()
+    print(
+        "| process | restarts | margin s (min / median) | min margin / max TTL | down ms (median) | probes | failed |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for r in rotations:
+        print(r.row(12.0))
     if args.json:
         args.json.write_text(json.dumps([[r.__dict__ for r in g] for g in results], indent=2))
     return 0

@@ -45,6 +45,9 @@ def load():
         creds = json.load(open(os.environ["DB_JSON_FILE"]))
         user, password = creds["username"], creds["password"]
         return
+    if "DB_USER_FILE" not in os.environ:  # handed over in the environment (OpenBao Agent's exec mode)
+        user, password = os.environ["DB_USER"], os.environ["DB_PASSWORD"]
+        return
     user = open(os.environ["DB_USER_FILE"]).read()
     password = open(os.environ["DB_PASSWORD_FILE"]).read()
 def on_hup(signum, frame):
