@@ -410,6 +410,28 @@ def case_5a(runs: int) -> list[Result]:
     return [Result("5a: 1,000 file secrets", n, s) for n, s in samples.items()]
 
 
+def plot(results: list[list[Result]], resident: list[list[Resident]], path: Path) -> None:
+    """Time-to-exec medians (1a, 1b) and peak RSS (2), from this run. matplotlib is bench-only."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
+    timed = [r for group in results[:2] for r in group]
+    labels = [r.command.replace(" (exit_after_auth, 2 templates) && exec app", "\n(render, exec)") for r in timed]
+    left.barh(labels, [r.median * 1000 for r in timed], color=["#999"] * 2 + ["#1f77b4", "#999", "#1f77b4"])
+    left.set_xlabel("time to exec, median ms (1a: 10 files; 1b: KV + DB over AppRole)")
+    left.invert_yaxis()
+    names = [f"{r.command}\n{r.case.split(':')[1].split(',')[0].strip()}" for pair in resident for r in pair]
+    right.barh(names, [r.peak_rss_mib for pair in resident for r in pair], color=["#999", "#1f77b4"] * len(resident))
+    right.set_xlabel("peak RSS (VmHWM), MiB, over 60 s of renewals")
+    right.invert_yaxis()
+    fig.suptitle("secret-init (blue) and the tools it is compared with (grey): one run, one machine")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def machine() -> str:
     cpu = next(
         (
@@ -428,6 +450,7 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the raw samples here")
     parser.add_argument("--seconds", type=float, default=60, help="length of the resident cases (default 60)")
     parser.add_argument("--rotation-seconds", type=float, default=45, help="length of case 4 (default 45)")
+    parser.add_argument("--plot", type=Path, help="write a PNG of time-to-exec and RSS bars (needs matplotlib)")
     args = parser.parse_args()
     if os.geteuid() != 0:
         print("bench: run as root (tmpfs mounts, privilege drop)", file=sys.stderr)
@@ -491,6 +514,8 @@ def main() -> int:
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for r in rotations:
         print(r.row(12.0))
+    if args.plot:
+        plot(results, resident, args.plot)
     if args.json:
         args.json.write_text(json.dumps([[r.__dict__ for r in g] for g in results], indent=2))
     return 0
