@@ -143,6 +143,21 @@ def case_1a(runs: int) -> list[Result]:
     return [Result("1a: 10 file secrets, time to exec", name, s) for name, s in samples.items()]
 
 
+def agent_auth(bao: Bao, work: Path) -> str:
+    """The agent's Vault address and AppRole auto-auth, from the same files secret-init reads."""
+    return f"""vault {{ address = "{bao.addr}" }}
+auto_auth {{
+  method "approle" {{
+    config = {{
+      role_id_file_path = "{work}/role_id"
+      secret_id_file_path = "{work}/secret_id"
+      remove_secret_id_file_after_reading = false
+    }}
+  }}
+}}
+"""
+
+
 def case_1b(bao: Bao, bao_binary: str, creds: str, work: Path, runs: int) -> list[Result]:
     role_id = bao.client.auth.approle.read_role_id("app")["data"]["role_id"]
     secret_id = bao.client.auth.approle.generate_secret_id("app", metadata=None)["data"]["secret_id"]
@@ -162,17 +177,7 @@ def case_1b(bao: Bao, bao_binary: str, creds: str, work: Path, runs: int) -> lis
     agent_dir.mkdir()
     agent = agent_dir / "agent.hcl"
     agent.write_text(f"""
-vault {{ address = "{bao.addr}" }}
-auto_auth {{
-  method "approle" {{
-    config = {{
-      role_id_file_path = "{work}/role_id"
-      secret_id_file_path = "{work}/secret_id"
-      remove_secret_id_file_after_reading = false
-    }}
-  }}
-}}
-exit_after_auth = true
+{agent_auth(bao, work)}exit_after_auth = true
 template {{
   contents = "{{{{ with secret \\"secret/data/app/bench\\" }}}}{{{{ .Data.data.key }}}}{{{{ end }}}}"
   destination = "{agent_dir}/kv"
@@ -247,17 +252,7 @@ def case_2_3(bao: Bao, bao_binary: str, database: "object", work: Path, leases: 
         for i, p in enumerate(paths)
     )
     (agent_dir / "agent.hcl").write_text(f"""
-vault {{ address = "{bao.addr}" }}
-auto_auth {{
-  method "approle" {{
-    config = {{
-      role_id_file_path = "{work}/role_id"
-      secret_id_file_path = "{work}/secret_id"
-      remove_secret_id_file_after_reading = false
-    }}
-  }}
-}}
-{templates}""")
+{agent_auth(bao, work)}{templates}""")
     env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config), "HOME": str(work)}
     ours_log = (work / f"ours-{leases}.log").open("w")
     agent_log = (work / f"agent-{leases}.log").open("w")
@@ -353,17 +348,7 @@ def case_4(bao: Bao, bao_binary: str, database: Any, pg: Any, work: Path, second
     agent_hcl = work / "agent-exec.hcl"
     with_secret = f'{{{{ with secret \\"{agent_path}\\" }}}}'
     agent_hcl.write_text(f"""
-vault {{ address = "{bao.addr}" }}
-auto_auth {{
-  method "approle" {{
-    config = {{
-      role_id_file_path = "{work}/role_id"
-      secret_id_file_path = "{work}/secret_id"
-      remove_secret_id_file_after_reading = false
-    }}
-  }}
-}}
-env_template "DB_USER" {{
+{agent_auth(bao, work)}env_template "DB_USER" {{
   contents = "{with_secret}{{{{ .Data.username }}}}{{{{ end }}}}"
   error_on_missing_key = true
 }}
