@@ -159,7 +159,7 @@ class Supervised:
         )
         self.renewer.learn_token()
         for path, lease in self.leases.items():
-            self.renewer.track(path, lease.lease_id, lease.duration, lease.renewable)
+            self.renewer.track(path, lease.lease_id, lease.duration, lease.renewable, lease.issued_at)
         for path in self._vault_paths():
             if path not in self.leases:
                 self.renewer.watch_static(path)
@@ -198,7 +198,7 @@ class Supervised:
         if new is not None:
             self.leases[path] = new
             self.created.add(new.lease_id)
-            self.renewer.track(path, new.lease_id, new.duration, new.renewable)
+            self.renewer.track(path, new.lease_id, new.duration, new.renewable, new.issued_at)
         else:
             self.leases.pop(path, None)
             self.renewer.forget(path)

@@ -39,6 +39,7 @@ class Lease:
     lease_id: str
     duration: float
     renewable: bool
+    issued_at: float = 0.0  # time.monotonic() when Vault answered; its TTL runs from here
 
 
 @dataclass(frozen=True)

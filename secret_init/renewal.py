@@ -205,12 +205,20 @@ class Renewer(threading.Thread):
 
     # -- called from the main loop ---------------------------------------------------------
 
-    def track(self, path: str, lease_id: str, duration: float, renewable: bool) -> LeaseState:
-        """Follow a new lease: learn its deadline, then let the schedule run."""
+    def track(self, path: str, lease_id: str, duration: float, renewable: bool, issued_at: float) -> LeaseState:
+        """Follow a new lease: learn its deadline, then let the schedule run.
+
+        A renewable lease is renewed to its full TTL by the max-TTL probe, so its clock
+        restarts now. Otherwise (or if the probe failed) its TTL runs from its issue.
+        """
         now = self.clock()
-        remaining = self.client.lease_max_remaining(lease_id, duration) if renewable else duration
-        deadline = min(now + remaining, self.token.deadline)
-        lease = new_lease(path, lease_id, duration, renewable, now, deadline, self.rng)
+        remaining = self.client.lease_max_remaining(lease_id, duration) if renewable else None
+        if remaining is not None:
+            start, deadline = now, now + remaining
+        else:
+            start, deadline = issued_at, issued_at + duration
+        deadline = min(deadline, self.token.deadline)
+        lease = new_lease(path, lease_id, duration, renewable, start, deadline, self.rng)
         with self._lock:
             self._state.leases[path] = lease
         self._wake.set()

@@ -231,7 +231,7 @@ class VaultClient:
 
     # -- leases and the token ---------------------------------------------------------
 
-    def lease_max_remaining(self, lease_id: str, duration: float) -> float:
+    def lease_max_remaining(self, lease_id: str, duration: float) -> float | None:
         """Seconds until the lease's max TTL.
 
         Vault does not say it, so this asks once for a renewal it must cap, then renews
@@ -242,7 +242,7 @@ class VaultClient:
             self.renew_lease(lease_id, duration)
         except SecretInitError as e:
             log.warning("could not learn the lease's max TTL; assuming its TTL", lease_id=lease_id, error=str(e))
-            return duration
+            return None
         return float(probe["lease_duration"])
 
     def renew_lease(self, lease_id: str, increment: float) -> float:
@@ -347,7 +347,9 @@ def parse_response(path: str, response: Mapping[str, Any]) -> VaultSecret:
     lease_id = response.get("lease_id") or ""
     lease = None
     if lease_id:
-        lease = Lease(lease_id, float(response.get("lease_duration") or 0), bool(response.get("renewable")))
+        lease = Lease(
+            lease_id, float(response.get("lease_duration") or 0), bool(response.get("renewable")), time.monotonic()
+        )
     return VaultSecret(path, data, lease, tuple(response.get("warnings") or ()))
 
 
