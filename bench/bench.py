@@ -9,7 +9,9 @@ Cases measured here:
   2/3 peak RSS (VmHWM) and CPU of the resident process over 60 s while it keeps 1, then
       50, dynamic leases renewed (5 s TTLs): the supervisor against the agent in
       template mode, both running at the same time
+  4   rotation side by side with the agent's exec mode (4 s / 12 s TTLs, a probing app)
   5a  materializing 1,000 file secrets
+  5b  200 dynamic leases in one supervisor: renewals and expiries
 
 Each case alternates its commands (A B A B ...), after warm-up runs, and reports the
 median, min and max of the counted runs.
