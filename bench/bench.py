@@ -448,7 +448,7 @@ def plot(results: list[list[Result]], resident: list[list[Resident]], path: Path
     left.invert_yaxis()
     names = [f"{r.command}\n{r.case.split(':')[1].split(',')[0].strip()}" for pair in resident for r in pair]
     right.barh(names, [r.peak_rss_mib for pair in resident for r in pair], color=["#999", "#1f77b4"] * len(resident))
-    right.set_xlabel("peak RSS (VmHWM), MiB, over 60 s of renewals")
+    right.set_xlabel("peak RSS (VmHWM), MiB")
     right.invert_yaxis()
     fig.suptitle("secret-init (blue) and the tools it is compared with (grey): one run, one machine")
     fig.tight_layout()
