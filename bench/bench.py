@@ -29,8 +29,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from tests.conftest import (  # noqa: E402 - the same real services as the tests
     Bao,
     configure_bao,
     connect_database,
+    mounted_tmpfs,
     postgres_bin,
     start_bao,
     start_postgres,
@@ -104,15 +105,8 @@ def until_app_runs(argv: list[str], env: dict[str, str] | None = None) -> Callab
     return measure
 
 
-@contextmanager
-def tmpfs(size: str = "64m") -> Iterator[Path]:
-    path = Path(tempfile.mkdtemp(prefix="si-bench-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "si-bench", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-        shutil.rmtree(path, ignore_errors=True)
+def tmpfs(size: str = "64m") -> AbstractContextManager[Path]:
+    return mounted_tmpfs(size)
 
 
 def file_secrets_config(work: Path, count: int) -> Path:
@@ -145,6 +139,24 @@ def case_1a(runs: int) -> list[Result]:
     return [Result("1a: 10 file secrets, time to exec", name, s) for name, s in samples.items()]
 
 
+def write_approle(bao: Bao, work: Path) -> None:
+    """role_id and secret_id files in `work`, read by secret-init and the agent alike."""
+    (work / "role_id").write_text(bao.client.auth.approle.read_role_id("app")["data"]["role_id"])
+    (work / "secret_id").write_text(bao.client.auth.approle.generate_secret_id("app")["data"]["secret_id"])
+
+
+def leases_config(bao: Bao, work: Path, out: Path, paths: list[str]) -> Path:
+    """A secret-init config with one whole-secret file per Vault path, AppRole from `work`."""
+    config = work / "leases.toml"
+    config.write_text(
+        f'[output]\ndir = "{out}"\nuser = "{USER}"\n'
+        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{work}/role_id"\n'
+        f'secret_id_file = "{work}/secret_id"\n'
+        + "".join(f'[[secret]]\nname = "db{i}"\nsource = "vault:{p}"\n' for i, p in enumerate(paths))
+    )
+    return config
+
+
 def agent_auth(bao: Bao, work: Path) -> str:
     """The agent's Vault address and AppRole auto-auth, from the same files secret-init reads."""
     return f"""vault {{ address = "{bao.addr}" }}
@@ -161,10 +173,7 @@ auto_auth {{
 
 
 def case_1b(bao: Bao, bao_binary: str, creds: str, work: Path, runs: int) -> list[Result]:
-    role_id = bao.client.auth.approle.read_role_id("app")["data"]["role_id"]
-    secret_id = bao.client.auth.approle.generate_secret_id("app", metadata=None)["data"]["secret_id"]
-    (work / "role_id").write_text(role_id)
-    (work / "secret_id").write_text(secret_id)
+    write_approle(bao, work)
     bao.client.secrets.kv.v2.create_or_update_secret(path="app/bench", secret={"key": os.urandom(16).hex()})
     config = work / "config.toml"
     config.write_text(
@@ -233,19 +242,8 @@ def proc_usage(pid: int) -> tuple[float, float]:
 
 def case_2_3(bao: Bao, bao_binary: str, database: "object", work: Path, leases: int, seconds: float) -> list[Resident]:
     paths = [database.role("5s", "600s") for _ in range(leases)]  # type: ignore[attr-defined]
-    role_id = bao.client.auth.approle.read_role_id("app")["data"]["role_id"]
-    secret_id = bao.client.auth.approle.generate_secret_id("app")["data"]["secret_id"]
-    (work / "role_id").write_text(role_id)
-    (work / "secret_id").write_text(secret_id)
-    ours = work / "ours"
-    ours.mkdir()
-    config = work / "resident.toml"
-    config.write_text(
-        f'[output]\ndir = "{ours}/out"\nuser = "{USER}"\n'
-        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{work}/role_id"\n'
-        f'secret_id_file = "{work}/secret_id"\n'
-        + "".join(f'[[secret]]\nname = "db{i}"\nsource = "vault:{p}"\n' for i, p in enumerate(paths))
-    )
+    write_approle(bao, work)
+    config = leases_config(bao, work, work / "ours", paths)
     agent_dir = work / "agent-resident"
     agent_dir.mkdir()
     templates = "".join(
@@ -313,7 +311,7 @@ class RoleWatch(threading.Thread):
             time.sleep(0.1)
 
 
-def rotation_stats(command: str, lines: list[dict[str, Any]], watch: RoleWatch, ttl: float, max_ttl: float) -> Rotation:
+def rotation_stats(command: str, lines: list[dict[str, Any]], watch: RoleWatch, max_ttl: float) -> Rotation:
     starts = [e for e in lines if e["event"] == "start"]
     stops = {e["pid"]: e for e in lines if e["event"] == "stop"}
     probes = [e for e in lines if e["event"] == "probe"]
@@ -336,8 +334,7 @@ def case_4(bao: Bao, bao_binary: str, database: Any, pg: Any, work: Path, second
     app = work / "db_app.py"
     app.write_text(DB_APP)
     app.chmod(0o644)
-    (work / "role_id").write_text(bao.client.auth.approle.read_role_id("app")["data"]["role_id"])
-    (work / "secret_id").write_text(bao.client.auth.approle.generate_secret_id("app")["data"]["secret_id"])
+    write_approle(bao, work)
     port = str(pg.port)
     config = work / "rotation.toml"
     config.write_text(
@@ -380,8 +377,8 @@ exec {{
         watch.stopping = True
     parsed = [[json.loads(x) for x in out.splitlines() if x.startswith("{")] for out in outputs]
     return [
-        rotation_stats("bao agent exec mode (env vars)", parsed[0], watch, 4.0, 12.0),
-        rotation_stats("secret-init run (files)", parsed[1], watch, 4.0, 12.0),
+        rotation_stats("bao agent exec mode (env vars)", parsed[0], watch, 12.0),
+        rotation_stats("secret-init run (files)", parsed[1], watch, 12.0),
     ]
 
 
@@ -392,15 +389,8 @@ def case_5b(bao: Bao, database: Any, work: Path, leases: int, seconds: float) ->
     200 of them take ~30 s to issue at start: the TTL must be longer than that.
     """
     paths = [database.role("60s", "600s") for _ in range(leases)]
-    (work / "role_id").write_text(bao.client.auth.approle.read_role_id("app")["data"]["role_id"])
-    (work / "secret_id").write_text(bao.client.auth.approle.generate_secret_id("app")["data"]["secret_id"])
-    config = work / "many.toml"
-    config.write_text(
-        f'[output]\ndir = "{work}/out"\nuser = "{USER}"\n'
-        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{work}/role_id"\n'
-        f'secret_id_file = "{work}/secret_id"\n'
-        + "".join(f'[[secret]]\nname = "db{i}"\nsource = "vault:{p}"\n' for i, p in enumerate(paths))
-    )
+    write_approle(bao, work)
+    config = leases_config(bao, work, work / "out", paths)
     env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config)}
     log = work / "many.log"
     with log.open("w") as err:

@@ -8,8 +8,6 @@ from typing import Any, TextIO
 
 from secret_init.redaction import REDACTOR
 
-LEVELS = ("debug", "info", "warning", "error")
-
 
 def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None = None) -> None:
     """Set up structlog once per process; console format only when asked or on a terminal."""

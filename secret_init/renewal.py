@@ -268,10 +268,6 @@ class Renewer(threading.Thread):
         with self._lock:
             return dict(self._state.leases)
 
-    def lease_ids(self) -> list[str]:
-        with self._lock:
-            return [lease.lease_id for lease in self._state.leases.values()]
-
     def stop(self, timeout: float) -> None:
         """Stop and wait for the thread, so nothing renews or logs in behind the shutdown."""
         self._stopping = True
