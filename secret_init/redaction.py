@@ -2,23 +2,27 @@
 
 Sources register values the moment they read them, before anything could log them;
 the log processor in logs.py asks `REDACTOR.redact` to scrub every field.
+
+Needles are indexed by their first few characters, so adding one is cheap and a field is
+scanned in time linear in its length, however many secrets are held. (One regex of all
+needles had to be recompiled after every add: quadratic with hundreds of leases.)
 """
 
 import json
-import re
 import threading
 
 REDACTED = "[redacted]"
 # Lines of a multi-line secret (a PEM key) are redacted on their own from this length.
 _MIN_LINE = 8
+_KEY = 3  # needles are indexed by this many leading characters
 
 
 class Redactor:
-    """A set of secret strings and one regex that replaces them all."""
+    """A set of secret strings, replaced leftmost-first and longest-first, in one pass."""
 
     def __init__(self) -> None:
-        self._needles: set[str] = set()
-        self._pattern: re.Pattern[str] | None = None
+        self._by_key: dict[str, list[str]] = {}  # first _KEY chars -> needles, longest first
+        self._short: set[str] = set()  # needles shorter than _KEY
         self._lock = threading.Lock()
 
     def add(self, secret: str | bytes) -> None:
@@ -29,21 +33,51 @@ class Redactor:
         lines = [line.strip() for line in text.splitlines()]
         forms.update(line for line in lines if len(line) >= _MIN_LINE)
         with self._lock:
-            if not forms <= self._needles:
-                self._needles |= forms
-                self._pattern = None
+            for form in forms:
+                self._add_form(form)
+
+    def _add_form(self, form: str) -> None:
+        if len(form) < _KEY:
+            self._short.add(form)
+            return
+        # Copy on write: redact() reads the lists without the lock.
+        bucket = self._by_key.get(form[:_KEY], [])
+        if form not in bucket:
+            self._by_key[form[:_KEY]] = sorted([*bucket, form], key=len, reverse=True)
 
     def redact(self, text: str) -> str:
-        pattern = self._compiled()
-        return text if pattern is None else pattern.sub(REDACTED, text)
+        by_key, short = self._by_key, self._short
+        if not short and not _may_contain(text, by_key):
+            return text  # the common case: no needle's first characters occur at all
+        parts: list[str] = []
+        start = i = 0
+        while i < len(text):
+            hit = _needle_at(text, i, by_key, short)
+            if hit:
+                parts += (text[start:i], REDACTED)
+                i = start = i + hit
+            else:
+                i += 1
+        parts.append(text[start:])
+        return "".join(parts)
 
-    def _compiled(self) -> re.Pattern[str] | None:
-        with self._lock:
-            if self._pattern is None and self._needles:
-                # Longest first, so a secret containing another is replaced whole.
-                alternatives = sorted(self._needles, key=len, reverse=True)
-                self._pattern = re.compile("|".join(map(re.escape, alternatives)))
-            return self._pattern
+
+def _may_contain(text: str, by_key: dict[str, list[str]]) -> bool:
+    if not by_key or len(text) < _KEY:
+        return False
+    grams = {text[i : i + _KEY] for i in range(len(text) - _KEY + 1)}
+    return not grams.isdisjoint(by_key)
+
+
+def _needle_at(text: str, i: int, by_key: dict[str, list[str]], short: set[str]) -> int:
+    """The length of the longest needle starting at text[i], or 0."""
+    for needle in by_key.get(text[i : i + _KEY], ()):
+        if text.startswith(needle, i):
+            return len(needle)
+    for length in range(_KEY - 1, 0, -1):
+        if text[i : i + length] in short:
+            return length
+    return 0
 
 
 REDACTOR = Redactor()

@@ -2,9 +2,12 @@
 
 import io
 import json
+import re
 
 import pytest
 import structlog
+from hypothesis import given
+from hypothesis import strategies as st
 
 from secret_init import logs
 from secret_init.model import Hidden
@@ -33,6 +36,40 @@ def test_longer_secret_wins_over_its_prefix() -> None:
     r.add("abc")
     r.add("abcdef")
     assert r.redact("xabcdefx") == f"x{REDACTED}x"
+
+
+def _regex_redact(needles: set[str], text: str) -> str:
+    """The reference: one alternation of every form, longest first (the old implementation)."""
+    pattern = "|".join(map(re.escape, sorted(needles, key=len, reverse=True)))
+    return re.sub(pattern, REDACTED, text) if needles else text
+
+
+def _forms(secret: str) -> set[str]:
+    forms = {secret, json.dumps(secret)[1:-1], repr(secret)[1:-1]}
+    forms.update(line.strip() for line in secret.splitlines() if len(line.strip()) >= 8)
+    return {f for f in forms if f}
+
+
+@given(
+    st.lists(st.text(alphabet="ab'\\\nc", min_size=1, max_size=6), max_size=6),
+    st.text(alphabet="ab'\\\ncx", max_size=40),
+)
+def test_redaction_matches_one_longest_first_alternation(secrets: list[str], text: str) -> None:
+    """Leftmost match, longest needle first, one pass: exactly what a regex alternation does."""
+    r = Redactor()
+    for secret in secrets:
+        r.add(secret)
+    needles = set().union(*map(_forms, secrets)) if secrets else set()
+    assert r.redact(text) == _regex_redact(needles, text)
+
+
+def test_many_secrets_are_all_redacted() -> None:
+    r = Redactor()
+    secrets = [f"{i:04d}-{'x' * (i % 7)}-secret" for i in range(2000)]
+    for secret in secrets:
+        r.add(secret)
+    text = " | ".join(secrets[::97])
+    assert r.redact(text) == " | ".join([REDACTED] * len(secrets[::97]))
 
 
 def test_empty_redactor_returns_text_unchanged() -> None:
