@@ -65,8 +65,8 @@ class Redactor:
 def _may_contain(text: str, by_key: dict[str, list[str]]) -> bool:
     if not by_key or len(text) < _KEY:
         return False
-    grams = {text[i : i + _KEY] for i in range(len(text) - _KEY + 1)}
-    return not grams.isdisjoint(by_key)
+    # Lookups only: the renewer thread may add needles meanwhile, and iterating would race.
+    return any(text[i : i + _KEY] in by_key for i in range(len(text) - _KEY + 1))
 
 
 def _needle_at(text: str, i: int, by_key: dict[str, list[str]], short: set[str]) -> int:
