@@ -10,6 +10,7 @@ needles had to be recompiled after every add: quadratic with hundreds of leases.
 
 import json
 import threading
+from collections.abc import Iterable
 
 REDACTED = "[redacted]"
 # Lines of a multi-line secret (a PEM key) are redacted on their own from this length.
@@ -47,26 +48,24 @@ class Redactor:
 
     def redact(self, text: str) -> str:
         by_key, short = self._by_key, self._short
-        if not short and not _may_contain(text, by_key):
-            return text  # the common case: no needle's first characters occur at all
+        # Lookups only, never iteration: the renewer thread may add needles meanwhile.
+        if short:
+            candidates: Iterable[int] = range(len(text))
+        else:
+            candidates = [i for i in range(len(text) - _KEY + 1) if text[i : i + _KEY] in by_key]
+            if not candidates:
+                return text  # the common case: no needle's first characters occur at all
         parts: list[str] = []
-        start = i = 0
-        while i < len(text):
+        start = 0
+        for i in candidates:
+            if i < start:
+                continue  # inside a needle already replaced
             hit = _needle_at(text, i, by_key, short)
             if hit:
                 parts += (text[start:i], REDACTED)
-                i = start = i + hit
-            else:
-                i += 1
+                start = i + hit
         parts.append(text[start:])
         return "".join(parts)
-
-
-def _may_contain(text: str, by_key: dict[str, list[str]]) -> bool:
-    if not by_key or len(text) < _KEY:
-        return False
-    # Lookups only: the renewer thread may add needles meanwhile, and iterating would race.
-    return any(text[i : i + _KEY] in by_key for i in range(len(text) - _KEY + 1))
 
 
 def _needle_at(text: str, i: int, by_key: dict[str, list[str]], short: set[str]) -> int:
