@@ -3,7 +3,9 @@
 The schedule is Vault's lifetime-watcher rule. After each renewal it sleeps 2/3 of the
 remaining time plus 1/3 of a random 10-20% grace. On errors it backs off with jitter, but
 never past the deadline. A lease's deadline is min(its max TTL, its token's max TTL),
-because a lease dies with the token that created it. When less than `rotate_before` is
+because a lease dies with the token that created it. Vault does not report a max TTL:
+the thread learns it with a probe at the lease's first renewal, so tracking a lease
+costs no Vault call. When less than `rotate_before` is
 left, or renewal is refused, the thread reports "rotate this path". It never writes files
 or touches processes: the one loop in app.py decides what happens.
 """
@@ -28,9 +30,11 @@ log = structlog.get_logger()
 FAR = math.inf
 ERROR_BACKOFF_START = 1.0
 ERROR_BACKOFF_MAX = 30.0
-# A rotation starts this fraction of rotate_before early, so that the restart itself
-# (read, write, stop, start) still lands rotate_before ahead of the deadline.
+# A rotation starts this fraction of rotate_before early, but at least ROTATION_LEAD_MIN
+# seconds, so that the restart itself (read, write, stop, start) still lands
+# rotate_before ahead of the deadline.
 ROTATION_LEAD = 0.2
+ROTATION_LEAD_MIN = 1.0
 
 
 # -- the pure schedule ------------------------------------------------------------------
@@ -54,6 +58,9 @@ class LeaseState:
     retry_at: float = FAR
     last_renewal: float | None = None
     expired: bool = False  # the loop saw it expire and acted on_expiry
+    # False until the max-TTL probe: the deadline is then provisional (issue + TTL).
+    probed: bool = True
+    token_deadline: float = FAR  # of the token that created it: a later login does not extend it
 
     @property
     def lifetime(self) -> float:
@@ -81,6 +88,35 @@ def new_lease(
     )
 
 
+def unprobed_lease(
+    path: str,
+    lease_id: str,
+    duration: float,
+    issued_at: float,
+    token_deadline: float,
+    configured: float | None,
+    rng: random.Random,
+) -> LeaseState:
+    """A renewable lease whose max TTL is not known yet.
+
+    Its deadline is provisionally issue + TTL, the least it can be. The probe is due at
+    its first renewal, or at the earliest rotation that provisional deadline allows:
+    a later deadline only moves rotation later, so the probe is never too late.
+    """
+    lease = new_lease(path, lease_id, duration, True, issued_at, min(issued_at + duration, token_deadline), rng)
+    probe_at = min(lease.next_renewal, rotate_at(lease, configured))
+    return replace(lease, probed=False, next_renewal=probe_at, token_deadline=token_deadline)
+
+
+def after_probe(lease: LeaseState, now: float, max_remaining: float, ttl: float, rng: random.Random) -> LeaseState:
+    """The probe renewed the lease to `ttl` and found its max TTL `max_remaining` away.
+
+    The lease's life still starts at its issue: rotate_before is a share of all of it.
+    """
+    deadline = min(now + max_remaining, lease.token_deadline)
+    return after_renewal(replace(lease, deadline=deadline, probed=True), now, ttl, rng)
+
+
 def renewal_time(now: float, remaining: float, grace: float) -> float:
     """When to renew next: 2/3 of the remaining time plus 1/3 of the grace, but before expiry."""
     remaining = max(0.0, remaining)
@@ -97,7 +133,10 @@ def rotate_before(lease: LeaseState, configured: float | None) -> float:
 
 
 def rotate_at(lease: LeaseState, configured: float | None) -> float:
-    return lease.deadline - rotate_before(lease, configured) * (1 + ROTATION_LEAD)
+    """rotate_before plus the lead, but never in the first 40% of the life (no rotation storms)."""
+    before = rotate_before(lease, configured)
+    early = before + max(before * ROTATION_LEAD, ROTATION_LEAD_MIN)
+    return lease.deadline - min(early, lease.lifetime * 0.6)
 
 
 def after_renewal(lease: LeaseState, now: float, ttl: float, rng: random.Random) -> LeaseState:
@@ -129,15 +168,18 @@ def after_error(lease: LeaseState, now: float, rng: random.Random) -> LeaseState
 
 
 def next_wake(lease: LeaseState, configured: float | None) -> float:
-    """The next moment this lease needs the renewer (expiry itself is the loop's to watch)."""
+    """The next moment this lease needs the renewer (expiry itself is the loop's to watch).
+
+    An unprobed lease has no rotation time yet: its probe comes first (see unprobed_lease).
+    """
     times = []
     if lease.rotating:
         times.append(lease.retry_at)
-    else:
+    elif lease.probed:
         times.append(rotate_at(lease, configured))
     if lease.renewable and lease.next_renewal < lease.expires_at:
         times.append(lease.next_renewal)
-    return min(times)
+    return min(times, default=FAR)
 
 
 # -- the thread -----------------------------------------------------------------------
@@ -205,32 +247,21 @@ class Renewer(threading.Thread):
 
     # -- called from the main loop ---------------------------------------------------------
 
-    def track(self, path: str, lease_id: str, duration: float, renewable: bool, issued_at: float) -> LeaseState:
-        """Follow a new lease: learn its deadline, then let the schedule run.
-
-        A renewable lease is renewed to its full TTL by the max-TTL probe, so its clock
-        restarts now. Otherwise (or if the probe failed) its TTL runs from its issue.
-        """
-        now = self.clock()
-        remaining = self.client.lease_max_remaining(lease_id, duration) if renewable else None
-        if remaining is not None:
-            start, deadline = now, now + remaining
-        else:
-            start, deadline = issued_at, issued_at + duration
-        deadline = min(deadline, self.token.deadline)
-        lease = new_lease(path, lease_id, duration, renewable, start, deadline, self.rng)
+    def track(self, path: str, lease_id: str, duration: float, renewable: bool, issued_at: float) -> None:
+        """Follow a new lease. No Vault call here: the thread probes its max TTL later."""
+        token_deadline = self.token.deadline
+        if renewable:
+            lease = unprobed_lease(
+                path, lease_id, duration, issued_at, token_deadline, self.configured_rotate_before, self.rng
+            )
+        else:  # it can only expire: its TTL is its whole life
+            deadline = min(issued_at + duration, token_deadline)
+            lease = new_lease(path, lease_id, duration, False, issued_at, deadline, self.rng)
         with self._lock:
             self._state.leases[path] = lease
         self._wake.set()
-        log.info(
-            "lease tracked",
-            path=path,
-            lease_id=lease_id,
-            ttl=round(lease.expires_at - now, 1),
-            deadline_in=round(deadline - now, 1),
-            rotate_before=round(rotate_before(lease, self.configured_rotate_before), 1),
-        )
-        return lease
+        now = self.clock()
+        log.info("lease tracked", path=path, lease_id=lease_id, ttl=round(lease.expires_at - now, 1))
 
     def watch_static(self, path: str) -> None:
         with self._lock:
@@ -330,7 +361,7 @@ class Renewer(threading.Thread):
             if now >= lease.retry_at:
                 self._modify(lease, lambda s: replace(s, retry_at=FAR))
                 self.post(Rotate(path, lease.lease_id, "retry after a failed rotation"))
-        elif now >= rotate_at(lease, self.configured_rotate_before):
+        elif lease.probed and now >= rotate_at(lease, self.configured_rotate_before):
             self._modify(lease, lambda s: replace(s, rotating=True, retry_at=FAR))
             self.post(Rotate(path, lease.lease_id, "rotate_before reached"))
         # Renew even while a rotation is pending: it keeps the old credentials alive
@@ -338,45 +369,69 @@ class Renewer(threading.Thread):
         if now >= lease.expires_at:
             # Too late to renew; the loop applies on_expiry. Stop waking for it.
             self._modify(lease, lambda s: replace(s, next_renewal=FAR))
-        elif lease.renewable and now >= lease.next_renewal:
+        elif lease.renewable and now >= lease.next_renewal and lease.probed:
             self._renew(lease)
+        elif lease.renewable and now >= lease.next_renewal:
+            self._probe(lease)  # the first renewal learns the max TTL too
+
+    def _probe(self, lease: LeaseState) -> None:
+        """Learn the max TTL. The probe's renew-back is the lease's first renewal."""
+        try:
+            max_remaining, ttl = self.client.probe_lease(lease.lease_id, lease.duration)
+        except SecretInitError as e:
+            self._renewal_failed(lease, e)
+            return
+        now = self.clock()
+        probed = self._modify(lease, lambda s: after_probe(s, now, max_remaining, ttl, self.rng))
+        if probed is not None:
+            log.info(
+                "lease max TTL learned",
+                path=lease.path,
+                lease_id=lease.lease_id,
+                ttl=ttl,
+                deadline_in=round(probed.deadline - now, 1),
+                rotate_before=round(rotate_before(probed, self.configured_rotate_before), 1),
+            )
 
     def _renew(self, lease: LeaseState) -> None:
         try:
             ttl = self.client.renew_lease(lease.lease_id, lease.duration)
         except SecretInitError as e:
-            if e.exit_code == 69:  # Vault unreachable: keep trying until the deadline
-                log.warning("lease renewal failed, retrying", lease_id=lease.lease_id, error=str(e))
-                self._modify(lease, lambda s: after_error(s, self.clock(), self.rng))
-                return
-            # Refused (revoked, or expired): rotate, once. A lease rotated away meanwhile is left alone.
-            marked: list[bool] = []
-
-            def mark(state: LeaseState) -> LeaseState:
-                if state.rotating:
-                    return state
-                marked.append(True)
-                return replace(state, rotating=True, retry_at=FAR)
-
-            if self._modify(lease, mark) and marked:
-                log.warning("lease renewal refused; rotating", lease_id=lease.lease_id, error=str(e))
-                self.post(Rotate(lease.path, lease.lease_id, "renewal refused"))
+            self._renewal_failed(lease, e)
             return
         now = self.clock()
         if self._modify(lease, lambda s: after_renewal(s, now, ttl, self.rng)):
             log.info("lease renewed", lease_id=lease.lease_id, ttl=ttl)
 
-    def _modify(self, seen: LeaseState, change: Callable[[LeaseState], LeaseState]) -> bool:
+    def _renewal_failed(self, lease: LeaseState, error: SecretInitError) -> None:
+        if error.exit_code == 69:  # Vault unreachable: keep trying until the deadline
+            log.warning("lease renewal failed, retrying", lease_id=lease.lease_id, error=str(error))
+            self._modify(lease, lambda s: after_error(s, self.clock(), self.rng))
+            return
+        # Refused (revoked, or expired): rotate, once. A lease rotated away meanwhile is left alone.
+        marked: list[bool] = []
+
+        def mark(state: LeaseState) -> LeaseState:
+            if state.rotating:
+                return state
+            marked.append(True)
+            return replace(state, rotating=True, retry_at=FAR, probed=True)
+
+        if self._modify(lease, mark) and marked:
+            log.warning("lease renewal refused; rotating", lease_id=lease.lease_id, error=str(error))
+            self.post(Rotate(lease.path, lease.lease_id, "renewal refused"))
+
+    def _modify(self, seen: LeaseState, change: Callable[[LeaseState], LeaseState]) -> LeaseState | None:
         """Apply `change` to the current state of the lease `seen` was a snapshot of.
 
-        False when that lease is no longer tracked (rotated away meanwhile): nothing changes.
+        None when that lease is no longer tracked (rotated away meanwhile): nothing changes.
         """
         with self._lock:
             current = self._state.leases.get(seen.path)
             if current is None or current.lease_id != seen.lease_id:
-                return False
-            self._state.leases[seen.path] = change(current)
-            return True
+                return None
+            changed = self._state.leases[seen.path] = change(current)
+            return changed
 
     def _tend_token(self, now: float) -> None:
         token = self.token

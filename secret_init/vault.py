@@ -231,19 +231,14 @@ class VaultClient:
 
     # -- leases and the token ---------------------------------------------------------
 
-    def lease_max_remaining(self, lease_id: str, duration: float) -> float | None:
-        """Seconds until the lease's max TTL.
+    def probe_lease(self, lease_id: str, duration: float) -> tuple[float, float]:
+        """Seconds until the lease's max TTL, and its TTL after the probe.
 
-        Vault does not say it, so this asks once for a renewal it must cap, then renews
-        back to the lease's own duration: the lease is long-lived only for that instant.
+        Vault does not say the max TTL, so this asks once for a renewal it must cap, then
+        renews back to the lease's own duration: the lease is long-lived only for that instant.
         """
-        try:
-            probe = self._call("lease max TTL probe", lambda: self.client.sys.renew_lease(lease_id, PROBE_INCREMENT))
-            self.renew_lease(lease_id, duration)
-        except SecretInitError as e:
-            log.warning("could not learn the lease's max TTL; assuming its TTL", lease_id=lease_id, error=str(e))
-            return None
-        return float(probe["lease_duration"])
+        probe = self._call("lease max TTL probe", lambda: self.client.sys.renew_lease(lease_id, PROBE_INCREMENT))
+        return float(probe["lease_duration"]), self.renew_lease(lease_id, duration)
 
     def renew_lease(self, lease_id: str, increment: float) -> float:
         response = self._call(

@@ -336,7 +336,7 @@ def test_token_relogin_before_its_max_ttl_and_leases_follow(
     assert "token renewed" in events
     assert "token re-login" in events
     assert events.index("token re-login") < events.index("lease rotated")
-    tracked = run.logged("lease tracked")[0]
+    tracked = run.logged("lease max TTL learned")[0]
     assert tracked["deadline_in"] <= 12, "the lease's deadline is its token's"
     issued = _ts(run.logged("vault login")[0]["timestamp"])
     restart = run.events("start")[1]["t"]

@@ -7,9 +7,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from secret_init.renewal import (
+    FAR,
     ROTATION_LEAD,
+    ROTATION_LEAD_MIN,
     LeaseState,
     after_error,
+    after_probe,
     after_renewal,
     grace_for,
     new_lease,
@@ -17,6 +20,7 @@ from secret_init.renewal import (
     renewal_time,
     rotate_at,
     rotate_before,
+    unprobed_lease,
 )
 
 
@@ -43,7 +47,10 @@ def test_default_rotate_before_is_a_third_of_the_whole_life() -> None:
     assert rotate_before(lease(deadline=12), None) == pytest.approx(4)
     assert rotate_before(lease(duration=3600, deadline=86400), None) == pytest.approx(8 * 3600)
     assert rotate_before(lease(deadline=12), 2.0) == 2.0
-    assert rotate_at(lease(deadline=12), None) == pytest.approx(12 - 4 * (1 + ROTATION_LEAD))
+    day = lease(duration=3600, deadline=86400)
+    assert rotate_at(day, None) == pytest.approx(86400 - 8 * 3600 * (1 + ROTATION_LEAD)), "a fifth early"
+    assert rotate_at(lease(deadline=12), None) == pytest.approx(12 - 4 - ROTATION_LEAD_MIN), "at least 1 s early"
+    assert rotate_at(lease(duration=1, deadline=2), None) == pytest.approx(0.8), "never in the first 40%"
 
 
 def test_renewal_never_passes_the_deadline() -> None:
@@ -91,3 +98,40 @@ def test_schedule_invariants(duration: float, extra: float, now_fraction: float,
     assert now <= renewed.next_renewal <= renewed.expires_at
     assert rotate_at(state, None) < deadline
     assert renewal_time(now, 0.0, 0.0) == now
+
+
+def test_an_unprobed_lease_waits_only_for_its_probe() -> None:
+    unprobed = unprobed_lease("p", "l", 30, 0.0, FAR, None, random.Random(1))
+    assert not unprobed.probed and unprobed.deadline == 30
+    # Provisional deadline 30: rotation could be due at 30 - 10 * 1.2 = 18, before the ~21 s renewal.
+    assert next_wake(unprobed, None) == unprobed.next_renewal == pytest.approx(18)
+    probed = after_probe(unprobed, 18.0, max_remaining=582, ttl=30, rng=random.Random(1))
+    assert probed.probed and probed.issued_at == 0 and probed.deadline == 600 and probed.expires_at == 48
+    assert rotate_before(probed, None) == pytest.approx(200), "a third of the life from issue, not from the probe"
+
+
+def test_the_probe_is_capped_by_the_token() -> None:
+    unprobed = unprobed_lease("p", "l", 30, 0.0, 20.0, None, random.Random(1))
+    assert unprobed.deadline == 20 and unprobed.expires_at == 20
+    probed = after_probe(unprobed, 5.0, max_remaining=595, ttl=30, rng=random.Random(1))
+    assert probed.deadline == 20 and probed.expires_at == 20, "its own token's end, whatever token is current"
+
+
+@given(
+    duration=st.floats(min_value=1, max_value=86400),
+    extra=st.floats(min_value=0, max_value=86400 * 30),
+    configured=st.none() | st.floats(min_value=0.1, max_value=86400),
+    seed=st.integers(0, 2**32),
+)
+def test_the_probe_comes_before_any_rotation(
+    duration: float, extra: float, configured: float | None, seed: int
+) -> None:
+    """Probing lazily is safe: whatever the max TTL turns out to be, no rotation was due earlier."""
+    rng = random.Random(seed)
+    unprobed = unprobed_lease("p", "l", duration, 0.0, FAR, configured, rng)
+    probe_at = next_wake(unprobed, configured)
+    assert 0 < probe_at < unprobed.expires_at
+    max_remaining = duration + extra - probe_at
+    probed = after_probe(unprobed, probe_at, max_remaining, min(duration, max_remaining), rng)
+    assert probe_at <= rotate_at(unprobed, configured) <= rotate_at(probed, configured) + 1e-6
+    assert probe_at <= probed.expires_at <= probed.deadline
