@@ -1,8 +1,8 @@
 """The one-shot flow, top to bottom: user -> filesystem -> sources -> sink -> drop -> exec."""
 
+import gc
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import structlog
@@ -21,15 +21,28 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
-@dataclass
 class Materialized:
-    user: AppUser
-    materials: list[Material]
-    written: list[WriteResult]
-    sink: Sink
-    owners: dict[str, Owner]
-    client: "VaultClient | None" = None  # kept only when the caller asked for it
-    owner_lock: int | None = None  # held open for as long as this process owns the dir
+    """What materialize() made. A plain class: a dataclass costs ~0.7 ms of start-up to define."""
+
+    __slots__ = ("client", "materials", "owner_lock", "owners", "sink", "user", "written")
+
+    def __init__(
+        self,
+        user: AppUser,
+        materials: list[Material],
+        written: list[WriteResult],
+        sink: Sink,
+        owners: dict[str, Owner],
+        client: "VaultClient | None" = None,  # kept only when the caller asked for it
+        owner_lock: int | None = None,  # held open for as long as this process owns the dir
+    ) -> None:
+        self.user = user
+        self.materials = materials
+        self.written = written
+        self.sink = sink
+        self.owners = owners
+        self.client = client
+        self.owner_lock = owner_lock
 
     @property
     def leased(self) -> bool:
@@ -46,6 +59,7 @@ def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> int:
     if cfg.process.supervise or done.leased:
         from secret_init.loop import Supervised
 
+        gc.enable()  # cli.main turned it off for the start-up; this process stays
         return Supervised(cfg, done, command, env).run()
     if done.client is not None:
         done.client.revoke_own_token()
@@ -58,6 +72,7 @@ def sidecar(cfg: Config, environ: Mapping[str, str]) -> int:
     from secret_init.loop import Supervised
 
     done = materialize(cfg, environ, for_app=False, keep_client=True)
+    gc.enable()  # cli.main turned it off for the start-up; this process stays
     return Supervised(cfg, done, None, {}).run()
 
 

@@ -5,34 +5,58 @@ secret is its own tmpfs) is judged right; mountinfo only supplies a name for mes
 """
 
 import os
-from dataclasses import dataclass
+from functools import cache
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ctypes
 
 TMPFS_MAGIC = 0x01021994
 RAMFS_MAGIC = 0x858458F6
 MEMORY_FILESYSTEMS = frozenset({TMPFS_MAGIC, RAMFS_MAGIC})
 
 
-@dataclass(frozen=True)
 class FsInfo:
-    path: str
-    magic: int
-    fstype: str  # from mountinfo, e.g. "tmpfs", "ext4", "overlay"
-    mountpoint: str
+    """The filesystem of one path. Its mount is looked up only when a message names it:
+    every start checks the output dir and each source file, and nearly all are tmpfs."""
+
+    __slots__ = ("_mount", "_probe", "magic", "path")
+
+    def __init__(self, path: str, magic: int, probe: str) -> None:
+        self.path = path
+        self.magic = magic
+        self._probe = probe  # the nearest existing ancestor that statfs was asked about
+        self._mount: tuple[str, str] | None = None
 
     @property
     def in_memory(self) -> bool:
         return self.magic in MEMORY_FILESYSTEMS
 
+    @property
+    def fstype(self) -> str:
+        """From mountinfo, e.g. "tmpfs", "ext4", "overlay"."""
+        return self._mount_entry()[0]
+
+    @property
+    def mountpoint(self) -> str:
+        return self._mount_entry()[1]
+
     def describe(self) -> str:
         return f"{self.fstype} mounted at {self.mountpoint}"
+
+    def _mount_entry(self) -> tuple[str, str]:
+        if self._mount is None:
+            self._mount = _mount_of(os.path.realpath(self._probe))
+        return self._mount
+
+    def __repr__(self) -> str:
+        return f"FsInfo(path={self.path!r}, magic={self.magic:#x})"
 
 
 def inspect(path: str) -> FsInfo:
     """The filesystem of `path`, or of its nearest existing ancestor when it does not exist."""
     probe = nearest_existing(path)
-    magic = _statfs_magic(probe)
-    fstype, mountpoint = _mount_of(os.path.realpath(probe))
-    return FsInfo(path, magic, fstype, mountpoint)
+    return FsInfo(path, _statfs_magic(probe), probe)
 
 
 def nearest_existing(path: str) -> str:
@@ -45,13 +69,20 @@ def nearest_existing(path: str) -> str:
 def _statfs_magic(path: str) -> int:
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
     # struct statfs starts with f_type, a native word on every Linux ABI.
     buf = ctypes.create_string_buffer(512)
-    if libc.statfs(os.fsencode(path), buf) != 0:
+    if libc().statfs(os.fsencode(path), buf) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), path)
     return ctypes.c_ulong.from_buffer(buf).value & 0xFFFFFFFF
+
+
+@cache
+def libc() -> "ctypes.CDLL":
+    """The C library, loaded once (statfs here, prctl in privileges)."""
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def _mount_of(real_path: str) -> tuple[str, str]:

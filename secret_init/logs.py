@@ -8,15 +8,23 @@ from typing import Any, TextIO
 
 from secret_init.redaction import REDACTOR
 
+# Modules that structlog imports at import time and secret-init's calls never touch
+# (found with -X importtime). configure() puts a stand-in in sys.modules for each; it
+# imports the real module on first use. asyncio (~30-40 ms with ssl, socket and
+# subprocess): structlog's async methods. inspect (~14 ms with ast, dis, tokenize):
+# dataclasses asks it only for a class without a docstring, and structlog's have one.
+# uuid (~5 ms with platform): the deprecated structlog.threadlocal. logging and
+# structlog.stdlib (~6 ms): we log through structlog's own WriteLogger.
+DEFERRED = ("asyncio", "inspect", "uuid", "logging", "structlog.stdlib")
+
 
 def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None = None) -> None:
     """Set up structlog once per process; console format only when asked or on a terminal."""
     stream = stream or sys.stderr
     if fmt is None:
         fmt = "console" if stream.isatty() else "json"
-    # structlog imports asyncio at import time, for async methods secret-init never calls:
-    # ~30-40 ms of start-up (asyncio, ssl, socket, subprocess). Load it only if touched.
-    defer_import("asyncio")
+    for name in DEFERRED:  # before structlog imports them
+        defer_import(name)
     import structlog
 
     renderer: Any

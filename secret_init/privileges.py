@@ -9,11 +9,12 @@ import os
 import pwd
 import re
 import resource
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 
 from secret_init.errors import PermissionRefusedError, SecretInitError, UnknownUserError
+from secret_init.fsinfo import libc
 
 log = structlog.get_logger()
 
@@ -22,8 +23,7 @@ PR_SET_NO_NEW_PRIVS = 38
 _saved_core_limit: tuple[int, int] | None = None
 
 
-@dataclass(frozen=True)
-class AppUser:
+class AppUser(NamedTuple):
     uid: int
     gid: int
     groups: tuple[int, ...]  # supplementary groups after the drop
@@ -148,7 +148,6 @@ def set_no_new_privs() -> None:
 def _prctl(option: int, value: int, name: str) -> None:
     import ctypes
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(option, value, 0, 0, 0) != 0:
+    if libc().prctl(option, value, 0, 0, 0) != 0:
         err = ctypes.get_errno()
         raise SecretInitError(f"prctl({name}) failed: {os.strerror(err)}")

@@ -9,13 +9,14 @@ directory or a planted symlink is never followed.
 
 import errno
 import fcntl
-import hmac
 import os
-import secrets
 import stat
+
+# hmac.compare_digest without importing hmac (and OpenSSL): see model.py.
+from _operator import _compare_digest as compare_digest
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import structlog
 
@@ -31,22 +32,19 @@ OWNER_LOCK = "owner.lock"
 DIR_MODE = 0o750
 
 
-@dataclass(frozen=True)
-class Owner:
+class Owner(NamedTuple):
     uid: int
     gid: int
 
 
-@dataclass(frozen=True)
-class OutputFile:
+class OutputFile(NamedTuple):
     name: str
     data: Hidden
     mode: int
     owner: Owner
 
 
-@dataclass(frozen=True)
-class WriteResult:
+class WriteResult(NamedTuple):
     name: str
     path: str
     changed: bool
@@ -227,7 +225,7 @@ class Sink:
         return {f.name for f, _ in staged}
 
     def _stage(self, f: OutputFile, dfd: int) -> str:
-        temp = f"{TEMP_PREFIX}{secrets.token_hex(8)}"
+        temp = f"{TEMP_PREFIX}{os.urandom(8).hex()}"  # secrets.token_hex, without importing hmac
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(temp, flags, 0o600, dir_fd=dfd)
@@ -278,7 +276,7 @@ def _is_current(f: OutputFile, dfd: int) -> bool:
             return False
         if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (f.owner.uid, f.owner.gid, f.mode):
             return False
-        return hmac.compare_digest(os.read(fd, len(want) + 1), want)
+        return compare_digest(os.read(fd, len(want) + 1), want)
     finally:
         os.close(fd)
 

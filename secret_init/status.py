@@ -6,9 +6,8 @@ Pure: building and judging the status take plain data and an explicit clock.
 import json
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from secret_init.config import Config
 
@@ -17,8 +16,7 @@ STATUS_FILE = "status.json"
 STATUS_VERSION = 1
 
 
-@dataclass(frozen=True)
-class LeaseView:
+class LeaseView(NamedTuple):
     """One lease as the status shows it; times are Unix seconds."""
 
     lease_id: str

@@ -7,7 +7,7 @@ string or `<no value>`.
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from secret_init.errors import ConfigError, MissingFieldError
 
@@ -15,13 +15,11 @@ FIELD_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]*")
 _TOKEN = re.compile(r"\$\$|\$\{([^}]*)\}|\$")
 
 
-@dataclass(frozen=True)
-class Field:
+class Field(NamedTuple):
     name: str
 
 
-@dataclass(frozen=True)
-class Template:
+class Template(NamedTuple):
     """A parsed template: literal text and field names, alternating."""
 
     parts: tuple[str | Field, ...]

@@ -314,6 +314,9 @@ def test_files_only_start_does_not_import_hvac(scene: Scene, app_user: UnixUser)
     assert "secret_init.sink" in imported  # the measurement itself works
     assert not {m for m in imported if m.split(".")[0] in ("hvac", "requests", "urllib3")}
     assert "asyncio.base_events" not in imported, "structlog's asyncio is deferred: nothing here uses it"
+    # Nothing on this path uses these; a stand-in (logs.DEFERRED) or care keeps them out.
+    for module in ("inspect", "uuid", "logging", "structlog.stdlib", "hmac", "_hashlib", "secrets", "shutil"):
+        assert module not in imported, f"{module} is imported on the files-only path"
 
 
 def test_health_is_fast_and_imports_no_vault_or_logging(scene: Scene, app_user: UnixUser) -> None:

@@ -1,0 +1,82 @@
+"""Start-up cost: the modules logs.configure defers still work, in full, once something uses them."""
+
+import gc
+import subprocess
+import sys
+from pathlib import Path
+
+from secret_init import cli, logs
+from tests.conftest import REPO
+
+USE_EVERY_DEFERRED_MODULE = """
+import sys, types
+from secret_init import logs
+
+logs.configure("json")
+stand_ins = {n for n in logs.DEFERRED if isinstance(sys.modules.get(n), logs._Deferred)}
+assert stand_ins == set(logs.DEFERRED), stand_ins
+
+import asyncio, dataclasses, inspect, logging, uuid
+import structlog
+from inspect import signature  # a from-import reads through the stand-in
+
+@dataclasses.dataclass
+class Point:  # no docstring: dataclasses calls inspect.signature for one
+    x: int
+
+assert Point.__doc__ == "Point(x: int)", Point.__doc__
+assert str(signature(lambda a, b=1: None)) == "(a, b=1)"
+assert asyncio.run(asyncio.sleep(0, result=7)) == 7
+assert uuid.uuid4().version == 4
+logging.getLogger("plain").warning("stdlib logging works")
+structlog.stdlib.get_logger("std").info("structlog.stdlib works")
+assert issubclass(structlog.stdlib.ProcessorFormatter, logging.Formatter)
+for name in logs.DEFERRED:
+    real = sys.modules[name]
+    assert type(real) is types.ModuleType and real.__file__, name
+print("ok")
+"""
+
+
+def test_deferred_modules_load_for_real_on_first_use() -> None:
+    """Each stand-in imports its module on first use; code that uses it never sees a difference."""
+    result = subprocess.run(
+        [sys.executable, "-c", USE_EVERY_DEFERRED_MODULE], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+    assert "stdlib logging works" in result.stderr
+    assert '"logger": "std"' not in result.stdout  # structlog's JSON lines go to stderr
+
+
+def test_defer_import_leaves_an_imported_module_alone() -> None:
+    """A module already imported is never replaced by a stand-in."""
+    real = sys.modules["subprocess"]
+    logs.defer_import("subprocess")
+    assert sys.modules["subprocess"] is real
+
+
+def test_help_lists_every_command_and_follows_columns(tmp_path: Path) -> None:
+    """The help formatter asks os, not shutil, for the width; COLUMNS still wins."""
+    narrow = subprocess.run(
+        [sys.executable, "-m", "secret_init", "--help"],
+        cwd=REPO, capture_output=True, text=True, check=False, env={"COLUMNS": "40", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert narrow.returncode == 0, narrow.stderr
+    for command in ("run", "render", "sidecar", "check", "health"):
+        assert f"    {command}" in narrow.stdout
+    description = "Materialize secrets into tmpfs files, drop root, exec the app."
+    assert description not in narrow.stdout  # wrapped at 38 columns
+    wide = subprocess.run(
+        [sys.executable, "-m", "secret_init", "--help"],
+        cwd=REPO, capture_output=True, text=True, check=False, env={"COLUMNS": "200", "PATH": "/usr/bin:/bin"},
+    )  # fmt: skip
+    assert description in wide.stdout
+    assert max(len(line) for line in wide.stdout.splitlines()) > 80
+
+
+def test_main_turns_garbage_collection_back_on(tmp_path: Path) -> None:
+    """main() pauses collection for the start-up only: a caller gets it back on return."""
+    assert gc.isenabled()
+    assert cli.main(["health", "--config", str(tmp_path / "missing.toml")]) == 1
+    assert gc.isenabled()
