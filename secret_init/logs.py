@@ -1,6 +1,7 @@
 """Logging: structlog, JSON lines on stderr by default, every field redacted."""
 
 import importlib
+import importlib.util
 import sys
 import types
 from collections.abc import MutableMapping
@@ -64,9 +65,17 @@ class _Deferred(types.ModuleType):
 
 
 def defer_import(name: str) -> None:
-    """Put off importing `name` until it is really used, if ever."""
-    if name not in sys.modules:
-        sys.modules[name] = _Deferred(name)
+    """Put off importing `name` until it is really used, if ever.
+
+    A top-level module that is not installed gets no stand-in, so `import name` still
+    fails where code expects it to (an optional dependency). A dotted name must be one
+    its package imports by `from package import name` (structlog does for stdlib).
+    """
+    if name in sys.modules:
+        return
+    if "." not in name and importlib.util.find_spec(name) is None:
+        return
+    sys.modules[name] = _Deferred(name)
 
 
 def redact_event(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:

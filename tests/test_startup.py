@@ -31,9 +31,34 @@ assert uuid.uuid4().version == 4
 logging.getLogger("plain").warning("stdlib logging works")
 structlog.stdlib.get_logger("std").info("structlog.stdlib works")
 assert issubclass(structlog.stdlib.ProcessorFormatter, logging.Formatter)
+import logging.handlers  # a submodule, imported through its package's stand-in
+from asyncio import subprocess as aio_subprocess
+assert logging.handlers.RotatingFileHandler and aio_subprocess.PIPE == -1
 for name in logs.DEFERRED:
     real = sys.modules[name]
     assert type(real) is types.ModuleType and real.__file__, name
+print("ok")
+"""
+
+USE_EVERY_VAULT_DEFERRED_MODULE = """
+import sys
+from secret_init import app, logs
+
+for name in app.VAULT_DEFERRED:
+    logs.defer_import(name)
+import hvac, requests
+assert {n for n in app.VAULT_DEFERRED if isinstance(sys.modules[n], logs._Deferred)} == set(app.VAULT_DEFERRED)
+
+import csv, io, mimetypes, zipfile
+import idna
+assert idna.encode("bücher.example") == b"xn--bcher-kva.example"
+assert "bücher.example".encode("idna") == b"xn--bcher-kva.example"  # nameprep: stringprep
+assert requests.Request("GET", "http://bücher.example/").prepare().url == "http://xn--bcher-kva.example/"
+assert list(csv.reader(io.StringIO("a,b"))) == [["a", "b"]]
+assert mimetypes.guess_type("x.json")[0] == "application/json"
+buffer = io.BytesIO()
+with zipfile.ZipFile(buffer, "w") as z:
+    z.writestr("f", "x")
 print("ok")
 """
 
@@ -47,6 +72,21 @@ def test_deferred_modules_load_for_real_on_first_use() -> None:
     assert result.stdout.strip() == "ok"
     assert "stdlib logging works" in result.stderr
     assert '"logger": "std"' not in result.stdout  # structlog's JSON lines go to stderr
+
+
+def test_vault_path_deferred_modules_load_for_real_on_first_use() -> None:
+    """Those deferred before hvac imports requests work when a non-ASCII host or an upload needs them."""
+    result = subprocess.run(
+        [sys.executable, "-c", USE_EVERY_VAULT_DEFERRED_MODULE], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
+
+
+def test_a_missing_module_gets_no_stand_in() -> None:
+    """`import` of an optional dependency that is not installed must still fail."""
+    logs.defer_import("secret_init_no_such_module")
+    assert "secret_init_no_such_module" not in sys.modules
 
 
 def test_defer_import_leaves_an_imported_module_alone() -> None:
