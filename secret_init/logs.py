@@ -1,7 +1,6 @@
 """Logging: structlog, JSON lines on stderr by default, every field redacted."""
 
 import importlib
-import importlib.util
 import sys
 import types
 from collections.abc import MutableMapping
@@ -73,9 +72,15 @@ def defer_import(name: str) -> None:
     """
     if name in sys.modules:
         return
-    if "." not in name and importlib.util.find_spec(name) is None:
+    if "." not in name and not _installed(name):
         return
     sys.modules[name] = _Deferred(name)
+
+
+def _installed(name: str) -> bool:
+    # importlib.util.find_spec's search, without importing importlib.util (~1 ms).
+    finders = (getattr(finder, "find_spec", None) for finder in sys.meta_path)
+    return any(find(name, None) is not None for find in finders if find is not None)
 
 
 def redact_event(_logger: object, _method: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
