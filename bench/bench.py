@@ -418,11 +418,13 @@ def case_5b(bao: Bao, database: Any, work: Path, leases: int, seconds: float) ->
         proc.wait(120)
     events = [json.loads(line).get("event") for line in log.read_text().splitlines() if line.startswith("{")]
     tracked = events.count("lease tracked")
+    rotated = events.count("lease rotated")
     renewed = events.count("lease renewed") + events.count("lease max TTL learned")
     expired = events.count("lease expired before it could be rotated")
     failed = events.count("lease renewal failed, retrying")
     return (
-        f"| 5b: {leases} leases (60 s TTL) in one supervisor, {seconds:.0f} s | {tracked} tracked | "
+        f"| 5b: {leases} leases (60 s TTL; 120 s token max TTL) in one supervisor, {seconds:.0f} s | "
+        f"{tracked} tracked, {rotated} rotated | "
         f"{renewed} renewals | {failed} failed renewals | {expired} expired | "
         f"{time.monotonic() - started:.0f} s incl. revoke on exit |"
     )
@@ -591,7 +593,7 @@ def report(
             print(rotation.row(12.0))
         print()
     if many:
-        print("| case | leases | renewals | failed renewals | expired | wall |")
+        print("| case | leases | renewals (probes included) | failed renewals | expired | wall |")
         print("| --- | --- | --- | --- | --- | --- |")
         print(many)
 
