@@ -14,8 +14,10 @@ from secret_init.redaction import REDACTOR
 # subprocess): structlog's async methods. inspect (~14 ms with ast, dis, tokenize):
 # dataclasses asks it only for a class without a docstring, and structlog's have one.
 # uuid (~5 ms with platform): the deprecated structlog.threadlocal. logging and
-# structlog.stdlib (~6 ms): we log through structlog's own WriteLogger.
-DEFERRED = ("asyncio", "inspect", "uuid", "logging", "structlog.stdlib")
+# structlog.stdlib (~6 ms): we log through structlog's own WriteLogger. linecache
+# (with tokenize), textwrap and copy (~6 ms): traceback and dataclasses use them only
+# to format a traceback or to copy, never to be defined.
+DEFERRED = ("asyncio", "inspect", "uuid", "logging", "structlog.stdlib", "linecache", "textwrap", "copy")
 
 
 def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None = None) -> None:

@@ -1,6 +1,7 @@
 """Start-up cost: the modules logs.configure defers still work, in full, once something uses them."""
 
 import gc
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,13 @@ assert uuid.uuid4().version == 4
 logging.getLogger("plain").warning("stdlib logging works")
 structlog.stdlib.get_logger("std").info("structlog.stdlib works")
 assert issubclass(structlog.stdlib.ProcessorFormatter, logging.Formatter)
+import copy, linecache, textwrap
+assert copy.deepcopy({"a": [1]}) == {"a": [1]} and textwrap.dedent("  x") == "x"
+assert "Logging" in linecache.getline(logs.__file__, 1)
+try:
+    1 / 0
+except ZeroDivisionError:
+    structlog.get_logger().error("traceback with source lines", exc_info=True)  # traceback -> linecache
 import logging.handlers  # a submodule, imported through its package's stand-in
 from asyncio import subprocess as aio_subprocess
 assert logging.handlers.RotatingFileHandler and aio_subprocess.PIPE == -1
@@ -63,15 +71,19 @@ print("ok")
 """
 
 
-def test_deferred_modules_load_for_real_on_first_use() -> None:
+def test_deferred_modules_load_for_real_on_first_use(tmp_path: Path) -> None:
     """Each stand-in imports its module on first use; code that uses it never sees a difference."""
+    script = tmp_path / "use_deferred.py"  # a file, so a traceback can quote its lines
+    script.write_text(USE_EVERY_DEFERRED_MODULE)
     result = subprocess.run(
-        [sys.executable, "-c", USE_EVERY_DEFERRED_MODULE], cwd=REPO, capture_output=True, text=True, check=False
-    )
+        [sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "ok"
     assert "stdlib logging works" in result.stderr
     assert '"logger": "std"' not in result.stdout  # structlog's JSON lines go to stderr
+    assert "1 / 0" in result.stderr  # the logged traceback quotes its source line
 
 
 def test_vault_path_deferred_modules_load_for_real_on_first_use() -> None:
