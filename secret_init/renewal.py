@@ -35,6 +35,10 @@ ERROR_BACKOFF_MAX = 30.0
 # rotate_before ahead of the deadline.
 ROTATION_LEAD = 0.2
 ROTATION_LEAD_MIN = 1.0
+# Vault reports TTLs in whole seconds, and a capped one may be rounded up (seen: 8 s
+# reported with 7.8 s left). A max TTL learned from a probe is taken this much shorter
+# (a tiny one, by half).
+TTL_GRANULARITY = 1.0
 
 
 # -- the pure schedule ------------------------------------------------------------------
@@ -109,11 +113,11 @@ def unprobed_lease(
 
 
 def after_probe(lease: LeaseState, now: float, max_remaining: float, ttl: float, rng: random.Random) -> LeaseState:
-    """The probe renewed the lease to `ttl` and found its max TTL `max_remaining` away.
+    """The probe, sent at `now`, renewed the lease to `ttl` and found its max TTL `max_remaining` away.
 
     The lease's life still starts at its issue: rotate_before is a share of all of it.
     """
-    deadline = min(now + max_remaining, lease.token_deadline)
+    deadline = min(now + max_remaining - min(TTL_GRANULARITY, max_remaining / 2), lease.token_deadline)
     return after_renewal(replace(lease, deadline=deadline, probed=True), now, ttl, rng)
 
 
@@ -314,7 +318,7 @@ class Renewer(threading.Thread):
         info = self.client.token_info()
         self.token = TokenState(
             issued_at=now,
-            deadline=now + info.max_remaining,
+            deadline=now + info.max_remaining - TTL_GRANULARITY,
             expires_at=now + info.ttl,
             renewable=info.renewable,
             ttl=info.ttl,
@@ -376,13 +380,14 @@ class Renewer(threading.Thread):
 
     def _probe(self, lease: LeaseState) -> None:
         """Learn the max TTL. The probe's renew-back is the lease's first renewal."""
+        sent = self.clock()
         try:
             max_remaining, ttl = self.client.probe_lease(lease.lease_id, lease.duration)
         except SecretInitError as e:
             self._renewal_failed(lease, e)
             return
+        probed = self._modify(lease, lambda s: after_probe(s, sent, max_remaining, ttl, self.rng))
         now = self.clock()
-        probed = self._modify(lease, lambda s: after_probe(s, now, max_remaining, ttl, self.rng))
         if probed is not None:
             log.info(
                 "lease max TTL learned",
