@@ -121,6 +121,18 @@ class Config(NamedTuple):
         return f"{self.output.dir.rstrip('/')}/{spec.name}"
 
 
+def is_loopback_url(addr: str) -> bool:
+    from urllib.parse import urlsplit
+
+    host = urlsplit(addr).hostname or ""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def is_plain_http_loopback(addr: str) -> bool:
+    """http:// to this host: no TLS, and nothing crosses the network."""
+    return addr.startswith("http://") and is_loopback_url(addr)
+
+
 def config_path(cli_value: str | None, environ: Mapping[str, str]) -> str:
     """--config wins, then SECRET_INIT_CONFIG, then the default path."""
     return cli_value or environ.get("SECRET_INIT_CONFIG") or DEFAULT_CONFIG_PATH

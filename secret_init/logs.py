@@ -79,6 +79,14 @@ def defer_import(name: str) -> None:
     sys.modules[name] = _Deferred(name)
 
 
+def keep_out(name: str) -> None:
+    """Make `import name` fail, as if it were not installed, for a dependency's optional import.
+
+    Only for modules whose importers catch the ImportError and carry on without them.
+    """
+    sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # None in sys.modules: ImportError
+
+
 def _installed(name: str) -> bool:
     # importlib.util.find_spec's search, without importing importlib.util (~1 ms).
     finders = (getattr(finder, "find_spec", None) for finder in sys.meta_path)

@@ -20,7 +20,7 @@ import requests
 import structlog
 import tenacity
 
-from secret_init.config import VaultConfig
+from secret_init.config import VaultConfig, is_loopback_url
 from secret_init.errors import (
     ConfigError,
     DataError,
@@ -139,7 +139,7 @@ class VaultClient:
         self.client = hvac.Client(
             url=cfg.addr, token="", timeout=cfg.request_timeout, namespace=cfg.namespace, session=_session(cfg)
         )
-        if cfg.addr.startswith("http://") and not _is_loopback(cfg.addr):
+        if cfg.addr.startswith("http://") and not is_loopback_url(cfg.addr):
             log.warning("vault address is plain http; tokens and secrets cross the network unencrypted", addr=cfg.addr)
 
     def end_startup(self) -> None:
@@ -380,10 +380,3 @@ def _register_strings(value: Any) -> None:
     elif isinstance(value, list):
         for v in value:
             _register_strings(v)
-
-
-def _is_loopback(addr: str) -> bool:
-    from urllib.parse import urlsplit
-
-    host = urlsplit(addr).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
