@@ -323,6 +323,12 @@ class VaultClient:
             if is_login:
                 return ConfigError(f"vault at {self.addr}: {what}: no such auth method ({reason}); check approle_mount")
             return SourceError(f"vault at {self.addr}: {what}: {reason}")
+        if isinstance(exc, ImportError) and "SSL module is not available" in str(exc):
+            # app.prepare_vault_imports kept OpenSSL out for this plain-http address.
+            return ConfigError(
+                f"vault at {self.addr}: {what}: redirected to https, but TLS is not loaded for plain http "
+                "to this host; set addr to the https:// address"
+            )
         if isinstance(exc, requests.exceptions.RequestException | hvac_errors.VaultError):
             return VaultUnavailableError(f"vault at {self.addr}: {what} failed: {reason}")
         return SecretInitError(f"vault at {self.addr}: {what} failed: {type(exc).__name__}")
