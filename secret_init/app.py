@@ -1,6 +1,5 @@
 """The one-shot flow, top to bottom: user -> filesystem -> sources -> sink -> drop -> exec."""
 
-import gc
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -59,7 +58,6 @@ def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> int:
     if cfg.process.supervise or done.leased:
         from secret_init.loop import Supervised
 
-        _stay_resident()
         return Supervised(cfg, done, command, env).run()
     if done.client is not None:
         done.client.revoke_own_token()
@@ -72,19 +70,7 @@ def sidecar(cfg: Config, environ: Mapping[str, str]) -> int:
     from secret_init.loop import Supervised
 
     done = materialize(cfg, environ, for_app=False, keep_client=True)
-    _stay_resident()
     return Supervised(cfg, done, None, {}).run()
-
-
-def _stay_resident() -> None:
-    """Collect garbage again: cli.main paused it for the start-up, and this process stays.
-
-    Frozen first: the start-up's ~45,000 objects (modules, mostly; a few hundred are
-    garbage, kept for good) then never get scanned. Without it, the first collection
-    scans them all, ~20 ms, just before the app starts.
-    """
-    gc.freeze()
-    gc.enable()
 
 
 def render(cfg: Config, environ: Mapping[str, str]) -> None:
