@@ -155,8 +155,10 @@ VAULT_DEFERRED = ("idna", "stringprep", "zipfile", "csv", "mimetypes")
 CHARSET_GUESSERS = ("charset_normalizer", "chardet")
 # Plain http to a Vault on this host needs no TLS, so OpenSSL (libssl and libcrypto)
 # is kept out: about 4.8 MiB of RSS and 10 ms. ssl and hashlib allow for its absence;
-# hashlib and hmac then use their built-in code.
+# hashlib and hmac then use their built-in code, if this Python has it (some builds,
+# Fedora's and RHEL's, take every hash from OpenSSL: there _hashlib stays).
 OPENSSL = ("_ssl", "_hashlib")
+BUILTIN_HASHES = (("_md5",), ("_sha1",), ("_sha2", "_sha256"), ("_sha2", "_sha512"), ("_blake2",), ("_sha3",))
 
 
 def prepare_vault_imports(addr: str | None) -> None:
@@ -169,8 +171,10 @@ def prepare_vault_imports(addr: str | None) -> None:
         logs.keep_out(name)
     warnings.filterwarnings("ignore", message="Unable to find acceptable character detection dependency")
     if addr is not None and is_plain_http_loopback(addr):
-        for name in OPENSSL:
-            logs.keep_out(name)
+        logs.keep_out("_ssl")
+        # 3.12 has _sha2; 3.11 has _sha256 and _sha512.
+        if all(any(logs.is_installed(name) for name in names) for names in BUILTIN_HASHES):
+            logs.keep_out("_hashlib")
 
 
 def _vault_login(cfg: Config, environ: Mapping[str, str]) -> "VaultClient":

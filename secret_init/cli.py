@@ -157,6 +157,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from secret_init import privileges
 
     privileges.protect_process()
+    privileges.trust_only_root_import_paths()
     path = config.config_path(getattr(args, "config", None), os.environ)
     cfg = config.load(path, os.environ)
     structlog.get_logger().info("config loaded", path=path, secrets=len(cfg.secrets), vault=cfg.uses_vault)

@@ -122,10 +122,17 @@ class Config(NamedTuple):
 
 
 def is_loopback_url(addr: str) -> bool:
+    """localhost, or a loopback IP (not a name that merely starts with "127.")."""
+    import ipaddress
     from urllib.parse import urlsplit
 
     host = urlsplit(addr).hostname or ""
-    return host in ("localhost", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def is_plain_http_loopback(addr: str) -> bool:

@@ -2,6 +2,7 @@
 
 import importlib
 import sys
+import threading
 import types
 from collections.abc import MutableMapping
 from typing import Any, TextIO
@@ -48,6 +49,9 @@ def configure(fmt: str | None = None, level: str = "info", stream: TextIO | None
     )
 
 
+_STAND_IN_LOCK = threading.Lock()
+
+
 class _Deferred(types.ModuleType):
     """Stands in for a module in sys.modules until something reads an attribute of it.
 
@@ -58,8 +62,11 @@ class _Deferred(types.ModuleType):
     def __getattr__(self, attr: str) -> Any:
         real = self.__dict__.get("_deferred_real")
         if real is None:
-            if sys.modules.get(self.__name__) is self:
-                del sys.modules[self.__name__]
+            # Two threads may get here at once: only one takes the stand-in out, and the
+            # other's import waits on the import system's lock for the module.
+            with _STAND_IN_LOCK:
+                if sys.modules.get(self.__name__) is self:
+                    del sys.modules[self.__name__]
             real = importlib.import_module(self.__name__)
             self.__dict__["_deferred_real"] = real
         return getattr(real, attr)
@@ -74,7 +81,7 @@ def defer_import(name: str) -> None:
     """
     if name in sys.modules:
         return
-    if "." not in name and not _installed(name):
+    if "." not in name and not is_installed(name):
         return
     sys.modules[name] = _Deferred(name)
 
@@ -87,7 +94,7 @@ def keep_out(name: str) -> None:
     sys.modules.setdefault(name, None)  # type: ignore[arg-type]  # None in sys.modules: ImportError
 
 
-def _installed(name: str) -> bool:
+def is_installed(name: str) -> bool:
     # importlib.util.find_spec's search, without importing importlib.util (~1 ms).
     finders = (getattr(finder, "find_spec", None) for finder in sys.meta_path)
     return any(find(name, None) is not None for find in finders if find is not None)

@@ -69,8 +69,8 @@ class Supervised:
             # (a few Vault calls) and importing the renewal code need not delay it.
             if self.command is not None:
                 self.supervisor.start(self.command, self.env, self.app_user)
-            _stay_resident()
             self._start_renewer()
+            _stay_resident()
             self._write_status()
             while self._running():
                 try:
@@ -163,7 +163,7 @@ class Supervised:
             self.cfg.process.rotate_before,
             self.cfg.vault.refresh_interval,
         )
-        self.renewer.learn_token()
+        self.renewer.look_up_token()
         for path, lease in self.leases.items():
             self.renewer.track(path, lease.lease_id, lease.duration, lease.renewable, lease.issued_at)
         for path in self._vault_paths():
@@ -319,7 +319,8 @@ class Supervised:
                     lease_id=lease.lease_id,
                     expires_at=lease.expires_at + wall,
                     deadline=lease.deadline + wall,
-                    rotate_at=rotate_at(lease, self.cfg.process.rotate_before) + wall,
+                    # Unprobed: its deadline is provisional, and its probe comes first.
+                    rotate_at=rotate_at(lease, self.cfg.process.rotate_before) + wall if lease.probed else None,
                     last_renewal=lease.last_renewal + wall if lease.last_renewal is not None else None,
                     rotating=lease.rotating,
                 )
@@ -340,9 +341,10 @@ class Supervised:
 def _stay_resident() -> None:
     """Collect garbage again: cli.main paused it for the start-up, and this process stays.
 
-    Once the app runs, not before. Frozen first: the start-up's ~45,000 objects (modules,
-    mostly; a few hundred are garbage, kept for good) then never get scanned. Without it,
-    the first collection scans them all, ~20 ms.
+    Once the app runs, not before. One full collection first (~20 ms): start-up garbage
+    can hold secret values, from a failed request's traceback say. Then the survivors,
+    ~45,000 objects (modules, mostly), are frozen: no later collection scans them.
     """
+    gc.collect()
     gc.freeze()
     gc.enable()

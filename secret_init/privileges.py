@@ -9,6 +9,7 @@ import os
 import pwd
 import re
 import resource
+import sys
 from typing import NamedTuple
 
 import structlog
@@ -68,7 +69,11 @@ def is_root() -> bool:
 
 
 def drop(user: AppUser) -> None:
-    """Become `user` for good; without root only no_new_privs is set. Imports nothing after the drop."""
+    """Become `user` for good; without root only no_new_privs is set.
+
+    Nothing is imported after the drop on the way to exec. Only an internal error's
+    traceback may load logs.DEFERRED's linecache then, from the root-owned stdlib.
+    """
     # Before the drop: ctypes may not be importable once we are the app (the
     # interpreter's own files can be out of its reach).
     set_no_new_privs()
@@ -134,6 +139,25 @@ def protect_process() -> None:
     _prctl(PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
     _saved_core_limit = resource.getrlimit(resource.RLIMIT_CORE)
     resource.setrlimit(resource.RLIMIT_CORE, (0, _saved_core_limit[1]))
+
+
+def trust_only_root_import_paths() -> None:
+    """As root, forget import paths that another user could write to.
+
+    secret-init imports lazily, as root, while the app runs beside it (the renewal code,
+    psutil at shutdown, modules logs.DEFERRED put off). A module planted in such a
+    directory, the app's working directory under `python -m` say, would run as root.
+    """
+    if is_root():
+        sys.path[:] = [p for p in sys.path if _only_root_writes(p or os.curdir)]
+
+
+def _only_root_writes(path: str) -> bool:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return False  # nothing there yet: nobody may put something there later
+    return st.st_uid == 0 and not st.st_mode & 0o002
 
 
 def restore_core_limit() -> None:

@@ -248,6 +248,7 @@ class Renewer(threading.Thread):
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
+        self._token_unknown = False  # the first lookup failed: the thread retries it first
 
     # -- called from the main loop ---------------------------------------------------------
 
@@ -332,8 +333,42 @@ class Renewer(threading.Thread):
             max_remaining=None if info.max_remaining == FAR else round(info.max_remaining, 1),
         )
 
+    def look_up_token(self) -> None:
+        """Learn the token's limits before the first lease is tracked.
+
+        If Vault does not answer now (the app is already running), the thread keeps
+        asking before it tends anything, and then caps the leases tracked meanwhile.
+        """
+        try:
+            self.learn_token()
+        except SecretInitError as e:
+            log.warning("could not look up the vault token; retrying in the background", error=str(e))
+            self._token_unknown = True
+
+    def _learn_token_late(self) -> bool:
+        try:
+            self.learn_token()
+        except SecretInitError as e:
+            self.token.errors += 1
+            log.warning("vault token lookup failed, retrying", error=str(e))
+            return False
+        deadline = self.token.deadline
+        with self._lock:  # every lease so far was made with this, the first, token
+            for path, lease in self._state.leases.items():
+                capped = min(lease.deadline, deadline)
+                self._state.leases[path] = replace(
+                    lease, token_deadline=min(lease.token_deadline, deadline), deadline=capped,
+                    expires_at=min(lease.expires_at, capped),
+                )  # fmt: skip
+        self._token_unknown = False
+        return True
+
     def run(self) -> None:
         while not self._stopping:
+            if self._token_unknown and not self._learn_token_late():
+                self._wake.wait(timeout=_backoff(self.token.errors, self.rng))
+                self._wake.clear()
+                continue
             try:
                 self._tend_all(self.clock())
                 wake = self._next_wake()

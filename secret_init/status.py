@@ -22,7 +22,7 @@ class LeaseView(NamedTuple):
     lease_id: str
     expires_at: float
     deadline: float
-    rotate_at: float
+    rotate_at: float | None  # None until the lease's max TTL is known
     last_renewal: float | None
     rotating: bool
 

@@ -8,6 +8,8 @@ from secret_init.config import (
     DEFAULT_OUTPUT_DIR,
     SourceRef,
     config_path,
+    is_loopback_url,
+    is_plain_http_loopback,
     load,
     load_text,
     parse_duration,
@@ -199,3 +201,23 @@ def test_references() -> None:
     for bad in ["swarm:a/b", "swarm:", "vault:/abs", "vault:a//b", "vault:a#b#c", "vault:", "vault:a b"]:
         with pytest.raises(ConfigError):
             parse_reference(bad)
+
+
+@pytest.mark.parametrize(
+    ("addr", "loopback", "plain_http_here"),
+    [
+        ("http://127.0.0.1:8200", True, True),
+        ("http://127.9.9.9", True, True),
+        ("http://[::1]:8200", True, True),
+        ("http://localhost:8200", True, True),
+        ("https://127.0.0.1:8200", True, False),
+        ("http://127.0.0.1.attacker.example", False, False),
+        ("http://10.0.0.1:8200", False, False),
+        ("http://vault.internal:8200", False, False),
+    ],
+)
+def test_loopback_means_a_loopback_address_not_a_lookalike_name(
+    addr: str, loopback: bool, plain_http_here: bool
+) -> None:
+    assert is_loopback_url(addr) is loopback
+    assert is_plain_http_loopback(addr) is plain_http_here

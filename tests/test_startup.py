@@ -132,3 +132,40 @@ def test_main_turns_garbage_collection_back_on(tmp_path: Path) -> None:
     assert gc.isenabled()
     assert cli.main(["health", "--config", str(tmp_path / "missing.toml")]) == 1
     assert gc.isenabled()
+
+
+OPENSSL_KEPT_OUT_ONLY_WITH_BUILTIN_HASHES = """
+import sys
+from secret_init import logs
+
+logs.configure("json")  # as the CLI does first: structlog's asyncio (and its ssl) put off
+from secret_init import app
+
+missing = sys.argv[1]
+real_is_installed = logs.is_installed
+logs.is_installed = lambda name: name != missing and real_is_installed(name)
+assert "_hashlib" not in sys.modules and "_ssl" not in sys.modules
+app.prepare_vault_imports("http://127.0.0.1:8200")
+import hashlib, random  # random takes sha512 from hashlib
+
+def state(name):
+    return "kept-out" if name in sys.modules and sys.modules[name] is None else "allowed"
+
+print(state("_hashlib"), state("_ssl"), random.random() < 1, hashlib.sha512(b"").digest_size)
+"""
+
+
+def test_openssl_hashes_stay_where_python_has_no_builtin_ones() -> None:
+    """Some builds (Fedora's, RHEL's) take every hash from OpenSSL: _hashlib must not be kept out there."""
+    ok = subprocess.run(
+        [sys.executable, "-c", OPENSSL_KEPT_OUT_ONLY_WITH_BUILTIN_HASHES, "_none_"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.split() == ["kept-out", "kept-out", "True", "64"], "builtin hashes here: OpenSSL kept out"
+    without_sha512 = subprocess.run(
+        [sys.executable, "-c", OPENSSL_KEPT_OUT_ONLY_WITH_BUILTIN_HASHES, "_sha512"],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert without_sha512.returncode == 0, without_sha512.stderr
+    assert without_sha512.stdout.split() == ["allowed", "kept-out", "True", "64"], "hashes need OpenSSL here"

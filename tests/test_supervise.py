@@ -258,3 +258,26 @@ def test_as_pid_1_in_a_new_pid_namespace(supervised_config: Path, signal_app: li
         assert proc.wait(10) == 0
     finally:
         stop(proc)
+
+
+def test_a_module_planted_in_the_working_directory_is_never_imported_as_root(
+    supervised_config: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """`python -m` puts the working directory on sys.path; secret-init imports psutil late, as root.
+
+    The directory belongs to the app's user, who could plant a psutil.py there: secret-init
+    must forget such import paths before the app starts.
+    """
+    planted = workdir / "app-home"
+    planted.mkdir()
+    marker = workdir / "planted-module-ran"
+    (planted / "psutil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    os.chown(planted, app_user.uid, app_user.gid)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secret_init", "run", "--config", str(supervised_config), "--", "/bin/true"],
+        env=base_env(PYTHONPATH=str(REPO)), cwd=planted, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    _, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    assert "app exited" in [e["event"] for e in log_events(stderr)], "the app ran, then psutil was needed"
+    assert not marker.exists(), "a module from the app's directory ran as root"

@@ -117,15 +117,15 @@ def test_a_read_is_repeated_after_a_read_timeout(fake_silent: FakeVault, tmpfs: 
     assert all(r == "GET /v1/secret/data/app/x" for r in fake_silent.requests)
 
 
-def test_a_redirect_to_https_from_plain_http_here_is_a_clear_config_error(
+def test_a_redirect_to_https_from_plain_http_here_is_a_clear_error(
     fake_https_redirect: FakeVault, tmpfs: Path, workdir: Path
 ) -> None:
-    """OpenSSL is not loaded for http://127.0.0.1: a redirect to https says so, in one line (78)."""
+    """OpenSSL is not loaded for http://127.0.0.1: a redirect to https says so, in one line (69)."""
     token = random_secret("tok")
     result = run_cli("render", "--config", str(config(workdir, tmpfs / "out", fake_https_redirect.addr, "token")),
                      env=base_env(VAULT_TOKEN=token))  # fmt: skip
-    assert result.returncode == 78, result.stderr
+    assert result.returncode == 69, result.stderr
     error = next(e for e in log_events(result.stderr) if e["level"] == "error")["event"]
-    assert "redirected to https" in error and "set addr to the https:// address" in error and "\n" not in error
+    assert "needs TLS" in error and "set addr to the https:// address" in error and "\n" not in error
     assert fake_https_redirect.requests == ["GET /v1/secret/data/app/x"], "not retried"
     assert token not in result.stderr
