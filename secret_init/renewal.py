@@ -338,10 +338,13 @@ class Renewer(threading.Thread):
 
         If Vault does not answer now (the app is already running), the thread keeps
         asking before it tends anything, and then caps the leases tracked meanwhile.
+        A refusal (a policy without lookup-self, say) will not pass: it ends the start.
         """
         try:
             self.learn_token()
         except SecretInitError as e:
+            if e.exit_code != 69:
+                raise
             log.warning("could not look up the vault token; retrying in the background", error=str(e))
             self._token_unknown = True
 

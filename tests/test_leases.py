@@ -482,3 +482,25 @@ def _ts(text: str) -> float:
     from datetime import datetime
 
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
+
+
+def test_a_token_its_policy_may_not_look_up_ends_the_start_with_77(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
+) -> None:
+    """Without lookup-self the token's limits cannot be learned: one line, exit 77, app stopped, lease revoked."""
+    client = database.bao.client
+    client.sys.create_or_update_policy(
+        "no-lookup", 'path "database/creds/*" { capabilities = ["read"] }\n'
+        'path "sys/leases/revoke" { capabilities = ["update"] }\n'
+        'path "sys/leases/renew" { capabilities = ["update"] }\n',
+    )  # fmt: skip
+    client.auth.approle.create_or_update_approle("nolookup", token_policies=["no-lookup"], token_no_default_policy=True)
+    creds = database.role("30s", "60s")
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name, role="nolookup")
+    run = Run(cfg, db_app, database.pg.port)
+    run.proc.wait(timeout=30)  # it ends by itself
+    code = run.finish()
+    assert code == 77, run.stderr[-3000:]
+    errors = [e for e in run.logs if e["level"] == "error"]
+    assert errors and "token lookup-self" in errors[-1]["event"] and "\n" not in errors[-1]["event"]
+    assert not database.leases(creds), "the lease issued for the app is revoked"
