@@ -10,8 +10,11 @@ import select
 import signal
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from http.client import HTTPConnection
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -504,3 +507,81 @@ def test_a_token_its_policy_may_not_look_up_ends_the_start_with_77(
     errors = [e for e in run.logs if e["level"] == "error"]
     assert errors and "token lookup-self" in errors[-1]["event"] and "\n" not in errors[-1]["event"]
     assert not database.leases(creds), "the lease issued for the app is revoked"
+
+
+class FailingLookupProxy:
+    """A FAKE fault in front of the REAL OpenBao: it forwards every request, but answers
+    the first token lookup with 503, as a Vault that hiccups at that moment would.
+
+    A real server cannot fail exactly that request on demand; freezing it with SIGSTOP
+    would race with the lookup, which runs right after the app starts.
+    """
+
+    def __init__(self, upstream: str) -> None:
+        self.failed: list[str] = []
+        host, port = upstream.removeprefix("http://").split(":")
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def _forward(self) -> None:
+                if self.path.startswith("/v1/auth/token/lookup-self") and not proxy.failed:
+                    proxy.failed.append(self.path)
+                    self.send_response(503)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
+                body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                upstream_conn = HTTPConnection(host, int(port), timeout=10)
+                upstream_conn.request(self.command, self.path, body, dict(self.headers))
+                answer = upstream_conn.getresponse()
+                data = answer.read()
+                self.send_response(answer.status)
+                for key, value in answer.getheaders():
+                    if key.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(key, value)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+                upstream_conn.close()
+
+            do_GET = do_POST = do_PUT = do_DELETE = _forward
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.addr = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
+@pytest.fixture
+def failing_lookup(database: Database) -> Iterator[FailingLookupProxy]:
+    proxy = FailingLookupProxy(database.bao.addr)
+    yield proxy
+    proxy.server.shutdown()
+    proxy.server.server_close()
+
+
+def test_a_token_lookup_that_fails_at_start_is_retried_and_leases_follow(
+    database: Database,
+    failing_lookup: FailingLookupProxy,
+    tmpfs: Path,
+    workdir: Path,
+    app_user: UnixUser,
+    db_app: list[str],
+) -> None:
+    """Vault unavailable for the token lookup just after the app started: no exit, the renewer asks again."""
+    creds = database.role("3s", "60s")
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name)
+    cfg.write_text(cfg.read_text().replace(database.bao.addr, failing_lookup.addr))
+    run = Run(cfg, db_app, database.pg.port)
+    try:
+        run.until(lambda r: bool(r.logged("token tracked")) and len(r.logged("lease renewed")) >= 2, 20)
+    finally:
+        assert run.finish() == 0, run.stderr[-3000:]
+    assert failing_lookup.failed, "the fault was injected"
+    events = [e["event"] for e in run.logs]
+    assert "could not look up the vault token; retrying in the background" in events
+    assert events.index("could not look up the vault token; retrying in the background") < events.index("token tracked")
+    assert [p for p in run.events("probe") if not p["ok"]] == []
