@@ -14,10 +14,12 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -248,6 +250,26 @@ class Bao:
 
     def token_accessors(self) -> set[str]:
         return set(self.client.list("auth/token/accessors")["data"]["keys"])
+
+
+class QuietHandler(BaseHTTPRequestHandler):
+    """A handler for the tests' labelled fake servers: no access log on stderr."""
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def serve_http(handler: type[BaseHTTPRequestHandler]) -> tuple[ThreadingHTTPServer, str]:
+    """A threaded HTTP server on a free 127.0.0.1 port, serving in the background; and its address."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def stop_http(server: ThreadingHTTPServer) -> None:
+    server.shutdown()
+    server.server_close()
 
 
 def free_port() -> int:

@@ -10,11 +10,9 @@ import select
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +22,15 @@ from tests.conftest import (
     REPO,
     Bao,
     Database,
+    QuietHandler,
     UnixUser,
     app_command,
     base_env,
     log_events,
     needs_root,
     run_cli,
+    serve_http,
+    stop_http,
     write_config,
 )
 
@@ -522,7 +523,7 @@ class FailingLookupProxy:
         host, port = upstream.removeprefix("http://").split(":")
         proxy = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _forward(self) -> None:
                 if self.path.startswith("/v1/auth/token/lookup-self") and not proxy.failed:
                     proxy.failed.append(self.path)
@@ -546,21 +547,14 @@ class FailingLookupProxy:
 
             do_GET = do_POST = do_PUT = do_DELETE = _forward
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.addr = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.addr = serve_http(Handler)
 
 
 @pytest.fixture
 def failing_lookup(database: Database) -> Iterator[FailingLookupProxy]:
     proxy = FailingLookupProxy(database.bao.addr)
     yield proxy
-    proxy.server.shutdown()
-    proxy.server.server_close()
+    stop_http(proxy.server)
 
 
 def test_a_token_lookup_that_fails_at_start_is_retried_and_leases_follow(

@@ -155,17 +155,16 @@ print(state("_hashlib"), state("_ssl"), random.random() < 1, hashlib.sha512(b"")
 """
 
 
+def _openssl_states(missing_builtin: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, "-c", OPENSSL_KEPT_OUT_ONLY_WITH_BUILTIN_HASHES, missing_builtin],
+        cwd=REPO, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout.split()
+
+
 def test_openssl_hashes_stay_where_python_has_no_builtin_ones() -> None:
     """Some builds (Fedora's, RHEL's) take every hash from OpenSSL: _hashlib must not be kept out there."""
-    ok = subprocess.run(
-        [sys.executable, "-c", OPENSSL_KEPT_OUT_ONLY_WITH_BUILTIN_HASHES, "_none_"],
-        cwd=REPO, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert ok.returncode == 0, ok.stderr
-    assert ok.stdout.split() == ["kept-out", "kept-out", "True", "64"], "builtin hashes here: OpenSSL kept out"
-    without_sha512 = subprocess.run(
-        [sys.executable, "-c", OPENSSL_KEPT_OUT_ONLY_WITH_BUILTIN_HASHES, "_sha512"],
-        cwd=REPO, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert without_sha512.returncode == 0, without_sha512.stderr
-    assert without_sha512.stdout.split() == ["allowed", "kept-out", "True", "64"], "hashes need OpenSSL here"
+    assert _openssl_states("_none_") == ["kept-out", "kept-out", "True", "64"], "builtin hashes here: OpenSSL kept out"
+    assert _openssl_states("_sha512") == ["allowed", "kept-out", "True", "64"], "hashes need OpenSSL here"

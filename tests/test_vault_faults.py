@@ -6,15 +6,23 @@ classification can be proved, or to redirect to https as a standby behind a loca
 plain-http address might.
 """
 
-import threading
 import time
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import base_env, log_events, needs_root, random_secret, run_cli, write_config
+from tests.conftest import (
+    QuietHandler,
+    base_env,
+    log_events,
+    needs_root,
+    random_secret,
+    run_cli,
+    serve_http,
+    stop_http,
+    write_config,
+)
 
 pytestmark = needs_root
 
@@ -24,7 +32,7 @@ class FakeVault:
         self.requests: list[str] = []
         fake = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def _answer(self) -> None:
                 fake.requests.append(f"{self.command} {self.path}")
                 if status is None:  # accept, then never answer
@@ -39,17 +47,10 @@ class FakeVault:
 
             do_GET = do_POST = do_PUT = _answer
 
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.addr = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.addr = serve_http(Handler)
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        stop_http(self.server)
 
 
 @pytest.fixture
