@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from typing import TextIO
 
 from secret_init import fsinfo, privileges
-from secret_init.app import app_user, file_owner
 from secret_init.config import Config, SecretSpec
 from secret_init.errors import ExitCode, SecretInitError
+from secret_init.materialize import app_user, file_owner
 from secret_init.redaction import REDACTOR
 from secret_init.sources.files import source_path
 

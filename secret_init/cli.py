@@ -1,50 +1,74 @@
-"""The command line: parse arguments, run one command, map every failure to its exit code."""
+"""The command line: secure the import path, parse arguments, run one command, map every failure to its exit code.
 
-import argparse
-import gc
+Only os and sys, which the interpreter loaded before us, are imported before
+trust_only_root_import_paths has run: every other module is found on the trimmed path.
+"""
+
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any, NoReturn
 
-from secret_init import __version__
-from secret_init.errors import ExitCode, SecretInitError, UsageError
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
+    from typing import NoReturn
 
 
-class _Formatter(argparse.HelpFormatter):
-    """argparse's formatter, minus its `import shutil` (with zlib, bz2, lzma: ~4 ms).
+def main(argv: "Sequence[str] | None" = None) -> int:
+    trust_only_root_import_paths()
+    import gc
 
-    argparse builds a formatter for every add_argument, and HelpFormatter asks shutil
-    for the terminal width; this asks os the same way shutil.get_terminal_size does.
+    # Start-up allocates enough objects to trigger ~20 collections (~20 ms) and makes few
+    # cycles: a one-shot run execs or exits first. loop.py turns collection back on.
+    gc.disable()
+    try:
+        return _main(argv)
+    finally:
+        gc.enable()
+
+
+def trust_only_root_import_paths() -> None:
+    """As root, forget import paths that another user could change.
+
+    A module planted there (the app's working directory under `python -m`, say) would
+    run as root. A path counts only when it and every directory above it are root's and
+    writable by no group or other user (a sticky directory may be, as /tmp is).
     """
-
-    def __init__(self, prog: str) -> None:
-        super().__init__(prog, width=_terminal_columns() - 2)
-
-
-def _terminal_columns() -> int:
-    try:
-        return int(os.environ["COLUMNS"])
-    except (KeyError, ValueError):
-        pass
-    try:
-        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80  # type: ignore[union-attr]
-    except (AttributeError, ValueError, OSError):
-        return 80
+    if os.geteuid() == 0:
+        sys.path[:] = [p for p in sys.path if _only_root_writes(os.path.abspath(p or os.curdir))]
 
 
-class _Parser(argparse.ArgumentParser):
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(formatter_class=_Formatter, **kwargs)
+def _only_root_writes(path: str) -> bool:
+    for spelling in {path, os.path.realpath(path)}:
+        current, first = spelling, True
+        while True:
+            try:
+                st = os.stat(current)
+            except OSError:
+                return False  # nothing there yet: nobody may put something there later
+            sticky_dir = not first and st.st_mode & 0o1000
+            if st.st_uid != 0 or (st.st_mode & 0o022 and not sticky_dir):
+                return False
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current, first = parent, False
+    return True
 
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
+def build_parser() -> "argparse.ArgumentParser":
+    import argparse
 
-def build_parser() -> _Parser:
+    from secret_init import __version__
+    from secret_init.errors import ExitCode
+
+    class Parser(argparse.ArgumentParser):
+        def error(self, message: str) -> "NoReturn":
+            self.print_usage(sys.stderr)
+            self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
+
     # Common options are accepted before and after the command name.
-    common = _Parser(add_help=False)
+    common = Parser(add_help=False)
     common.add_argument(
         "--config",
         default=argparse.SUPPRESS,
@@ -59,13 +83,13 @@ def build_parser() -> _Parser:
     )
     common.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default=argparse.SUPPRESS)
 
-    parser = _Parser(
+    parser = Parser(
         prog="secret-init",
         parents=[common],
         description="Materialize secrets into tmpfs files, drop root, exec the app.",
     )
     parser.add_argument("--version", action="version", version=f"secret-init {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     commands.required = True
     run = commands.add_parser("run", parents=[common], help="materialize, drop to the app user, exec CMD")
     run.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- CMD [ARG...]")
@@ -82,21 +106,14 @@ def build_parser() -> _Parser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    # Start-up makes few reference cycles, but its imports allocate enough objects to
-    # trigger ~20 collections: ~20 ms here. A one-shot run execs or exits long before
-    # garbage matters; app.py turns collection back on before it supervises.
-    gc.disable()
-    try:
-        return _main(argv)
-    finally:
-        gc.enable()
+def _main(argv: "Sequence[str] | None") -> int:
+    from secret_init.errors import ExitCode, SecretInitError
 
-
-def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "health":
-        return _health(args)  # fast: no logging setup, no Vault
+        from secret_init import status
+
+        return status.health(_config_path(args), sys.stdout)  # no logging setup, no Vault
     from secret_init import logs
 
     logs.configure(getattr(args, "log_format", None), getattr(args, "log_level", "info"))
@@ -115,38 +132,17 @@ def _main(argv: Sequence[str] | None) -> int:
         return int(ExitCode.SOFTWARE)
 
 
-def _health(args: argparse.Namespace) -> int:
-    import json
-    import time
+def _config_path(args: "argparse.Namespace") -> str:
+    from secret_init import config
 
-    from secret_init import config, status
-
-    try:
-        cfg = config.load(config.config_path(getattr(args, "config", None), os.environ), os.environ)
-    except SecretInitError as e:
-        print(f"unhealthy: {e}")
-        return 1
-    doc = None
-    try:
-        with open(f"{cfg.output.dir}/{status.STATUS_DIR}/{status.STATUS_FILE}", "rb") as f:
-            doc = json.loads(f.read())
-    except FileNotFoundError:
-        pass  # a one-shot run keeps no status: the files are all there is to check
-    except (OSError, ValueError) as e:
-        print(f"unhealthy: status file unreadable: {e}")
-        return 1
-    problems = status.problems(cfg, doc, time.time(), os.path.exists)
-    if problems:
-        print(f"unhealthy: {problems[0]}" + (f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""))
-        return 1
-    print("healthy")
-    return 0
+    return config.config_path(getattr(args, "config", None), os.environ)
 
 
-def _dispatch(args: argparse.Namespace) -> int:
+def _dispatch(args: "argparse.Namespace") -> int:
     import structlog
 
-    from secret_init import config
+    from secret_init import config, privileges
+    from secret_init.errors import UsageError
 
     command = list(getattr(args, "argv", []) or [])
     if command[:1] == ["--"]:
@@ -154,23 +150,25 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "run" and not command:
         raise UsageError("run needs a command: secret-init run [--config PATH] -- CMD [ARG...]")
 
-    from secret_init import privileges
-
     privileges.protect_process()
-    privileges.trust_only_root_import_paths()
-    path = config.config_path(getattr(args, "config", None), os.environ)
+    path = _config_path(args)
     cfg = config.load(path, os.environ)
-    structlog.get_logger().info("config loaded", path=path, secrets=len(cfg.secrets), vault=cfg.uses_vault)
+    log = structlog.get_logger()
+    for note in cfg.notes:
+        log.debug(note)
+    log.info("config loaded", path=path, secrets=len(cfg.secrets), vault=cfg.uses_vault)
 
     if args.command == "check":
         from secret_init.check import check
 
         return check(cfg, os.environ, sys.stdout)
+    if args.command == "sidecar":
+        from secret_init.loop import sidecar
+
+        return sidecar(cfg, os.environ)
     from secret_init import app
 
     if args.command == "render":
         app.render(cfg, os.environ)
         return 0
-    if args.command == "sidecar":
-        return app.sidecar(cfg, os.environ)
     return app.run(cfg, command, os.environ)

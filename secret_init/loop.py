@@ -1,56 +1,68 @@
 """The one loop of a resident secret-init: events in, decisions out.
 
-Signals (from the supervisor's handlers) and Rotate / Refresh / Expired (from the renewer
-thread) arrive on one queue. Only this loop acts on them. Each rotation runs in order:
+Signals (from the supervisor's handlers) and Rotate / Refresh (from the renewer thread)
+arrive on one queue. Only this loop acts on them. Each rotation runs in order:
 1. read the path again;
 2. write the changed files;
 3. restart or signal the app;
 4. only then revoke the old lease.
+The renewer owns the lease state: this loop tells it of new leases and reads snapshots.
+Decisions use one monotonic clock; wall time is only written for people (status.json).
 """
 
 import gc
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from queue import Empty, SimpleQueue
-from typing import TYPE_CHECKING
 
 import structlog
 
-from secret_init import privileges
-from secret_init.app import Materialized, output_files
+from secret_init import privileges, status
 from secret_init.config import Config
 from secret_init.errors import ExitCode, SecretInitError
-from secret_init.model import Lease, Material
+from secret_init.materialize import Materialized, materialize, output_files
+from secret_init.model import Material
+from secret_init.renewal import Refresh, Renewer, Rotate, rotate_at
 from secret_init.sink import Owner
+from secret_init.sources.vault import VaultSource
 from secret_init.supervisor import SignalEvent, Supervisor, exit_code
-
-if TYPE_CHECKING:
-    from secret_init.renewal import Renewer
-    from secret_init.vault import VaultClient
 
 log = structlog.get_logger()
 
 TICK = 1.0  # reap and refresh status.json at least this often
 
 
+def sidecar(cfg: Config, environ: Mapping[str, str]) -> int:
+    """Materialize, then stay: the same renewal, rotation and refresh, with no child."""
+    done = materialize(cfg, environ, for_app=False, keep_client=True)
+    return Supervised(cfg, done, None, {}).run()
+
+
 class Supervised:
-    def __init__(self, cfg: Config, done: Materialized, command: list[str] | None, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        cfg: Config,
+        done: Materialized,
+        command: list[str] | None,
+        env: Mapping[str, str],
+        clock: Callable[[], float] = time.monotonic,
+        threaded: bool = True,  # False: the caller steps the renewer (scripted-clock tests)
+    ) -> None:
         """`command` None is the sidecar: no child; SIGTERM or SIGINT ends it."""
         self.cfg = cfg
         self.done = done
         self.command = command
         self.env = env
+        self.clock = clock
+        self.threaded = threaded
         self.events: SimpleQueue[object] = SimpleQueue()
-        self.supervisor = Supervisor(self.events)
-        self.client: VaultClient | None = done.client
+        self.supervisor = Supervisor(self.events, clock)
+        self.client = done.client
         self.renewer: Renewer | None = None
-        self.leases: dict[str, Lease] = {m.spec.source.path: m.lease for m in done.materials if m.lease}
-        self.created: set[str] = set(lease.lease_id for lease in self.leases.values())
-        self.last_rotation: dict[str, float] = {}
         self.forced_exit: int | None = None
-        # Old leases to revoke later: the app was signalled, not restarted, and needs time.
+        # Old leases to revoke later (due time, lease id): the app was signalled, not restarted.
         self.pending_revokes: list[tuple[float, str]] = []
         self.stopping = False
         self._last_status: dict[str, object] = {}
@@ -65,30 +77,44 @@ class Supervised:
         self.supervisor.install()
         privileges.set_no_new_privs()  # inherited by the app
         try:
-            # The app first: its credentials are fresh, and learning the token's max TTL
-            # (a few Vault calls) and importing the renewal code need not delay it.
-            if self.command is not None:
-                self.supervisor.start(self.command, self.env, self.app_user)
-            self._start_renewer()
-            _stay_resident()
-            self._write_status()
+            self.begin()
             while self._running():
-                try:
-                    event = self.events.get(timeout=self._wait_time())
-                except Empty:
-                    self.supervisor.reap()  # a lost SIGCHLD must not leave a zombie
-                else:
-                    self._handle(event)
-                self._check_expiry()
-                self._revoke_due()
-                self._write_status()
+                self.step(self._wait_time())
         finally:
-            if self.supervisor.pid is not None:
-                if self.supervisor.exit_status is None:  # leaving on an error: the app goes too
-                    self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
-                self.supervisor.stop_leftovers(self.cfg.process.stop_timeout)
-            self._shutdown_vault()
-            self._write_status(state="stopped")
+            self.finish()
+        return self.exit_code()
+
+    def begin(self) -> None:
+        # The app first: its credentials are fresh, and learning the token's max TTL (a
+        # few Vault calls) need not delay it. Everything this process will ever import
+        # is imported by now (this module's imports): nothing is imported as root later.
+        if self.command is not None:
+            self.supervisor.start(self.command, self.env, self.app_user)
+        self._start_renewer()
+        _stay_resident()
+        self._write_status()
+
+    def step(self, wait: float) -> None:
+        """Take one event (or none, after `wait` seconds), then the timed duties."""
+        try:
+            event = self.events.get(timeout=wait) if wait > 0 else self.events.get_nowait()
+        except Empty:
+            self.supervisor.reap()  # a lost SIGCHLD must not leave a zombie
+        else:
+            self._handle(event)
+        self._check_expiry()
+        self._revoke_due()
+        self._write_status()
+
+    def finish(self) -> None:
+        if self.supervisor.pid is not None:
+            if self.supervisor.exit_status is None:  # leaving on an error: the app goes too
+                self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
+            self.supervisor.stop_leftovers(self.cfg.process.stop_timeout)
+        self._shutdown_vault()
+        self._write_status(state="stopped")
+
+    def exit_code(self) -> int:
         if self.forced_exit is not None:
             code = self.forced_exit
         else:
@@ -102,8 +128,6 @@ class Supervised:
         return self.supervisor.exit_status is None
 
     def _handle(self, event: object) -> None:
-        from secret_init.renewal import Refresh, Rotate
-
         if isinstance(event, SignalEvent):
             if event.signum == signal.SIGCHLD:
                 self.supervisor.reap()
@@ -119,32 +143,33 @@ class Supervised:
         elif isinstance(event, Rotate) and not self._current(event.path, event.lease_id):
             log.debug("event for a lease already rotated away", path=event.path, lease_id=event.lease_id)
         elif isinstance(event, Rotate):
-            self._rotate(event.path, event.reason)
+            self._rotate(event.path, event.lease_id, event.reason)
 
     def _current(self, path: str, lease_id: str) -> bool:
-        lease = self.leases.get(path)
+        lease = self.renewer.snapshot().get(path) if self.renewer else None
         return lease is not None and lease.lease_id == lease_id
 
     def _wait_time(self) -> float:
         """Until the next tick, the next delayed revoke, or the next lease expiry."""
-        times = [time.monotonic() + TICK]
+        now = self.clock()
+        times = [now + TICK]
         times += [due for due, _ in self.pending_revokes]
         if self.renewer is not None:
             times += [s.expires_at for s in self.renewer.snapshot().values() if not s.expired]
-        return max(0.0, min(times) - time.monotonic())
+        return max(0.0, min(times) - now)
 
     def _check_expiry(self) -> None:
         """A lease past its expiry without a rotation: apply on_expiry, once per lease."""
         if self.renewer is None or self.stopping:
             return
-        now = time.monotonic()
+        now = self.clock()
         for path, lease in self.renewer.snapshot().items():
             if now >= lease.expires_at and self.renewer.expire(path, lease.lease_id):
                 log.error("lease expired before it could be rotated", path=path, lease_id=lease.lease_id)
                 self._expired(path)
 
     def _revoke_due(self) -> None:
-        now = time.monotonic()
+        now = self.clock()
         for item in [p for p in self.pending_revokes if p[0] <= now]:
             self.pending_revokes.remove(item)
             self._revoke(item[1])
@@ -154,40 +179,35 @@ class Supervised:
     def _start_renewer(self) -> None:
         if self.client is None:
             return
-        from secret_init.renewal import Renewer
-
         self.client.end_startup()
         self.renewer = Renewer(
-            self.client,
-            self.events.put,
-            self.cfg.process.rotate_before,
-            self.cfg.vault.refresh_interval,
+            self.client, self.events.put, self.cfg.process.rotate_before, self.cfg.vault.refresh_interval, self.clock
         )
         self.renewer.look_up_token()
-        for path, lease in self.leases.items():
-            self.renewer.track(path, lease.lease_id, lease.duration, lease.renewable, lease.issued_at)
-        for path in self._vault_paths():
-            if path not in self.leases:
+        leased = {m.spec.source.path: m.lease for m in self.done.materials if m.lease}
+        for path, lease in leased.items():
+            self.renewer.track(path, lease)
+        for path in self.cfg.vault_paths:
+            if path not in leased:
                 self.renewer.watch_static(path)
-        self.renewer.start()
-
-    def _vault_paths(self) -> list[str]:
-        return sorted({s.source.path for s in self.cfg.secrets if s.source.kind == "vault"})
+        if self.threaded:
+            self.renewer.start()
 
     def _read(self, path: str, why: str) -> list[Material] | None:
-        from secret_init.sources.vault import read_vault
-
         assert self.client is not None
-        specs = [s for s in self.cfg.secrets if s.source.kind == "vault" and s.source.path == path]
-        try:
-            return read_vault(self.client, specs, self.cfg.output.max_secret_size)
-        except SecretInitError as e:
-            log.warning("vault read failed", path=path, purpose=why, error=str(e))
+        client = self.client
+        reading = VaultSource(lambda: client, self.cfg.output.max_secret_size).read(
+            [s for s in self.cfg.vault_specs if s.source.path == path]
+        )
+        if reading.failures:
+            for lease_id in reading.lease_ids:  # unusable: do not leave credentials alive
+                client.revoke_lease_quietly(lease_id)
+            log.warning("vault read failed", path=path, purpose=why, error=str(reading.failures[0][1]))
             return None
+        return reading.materials
 
-    def _rotate(self, path: str, reason: str) -> None:
+    def _rotate(self, path: str, old_lease_id: str, reason: str) -> None:
         assert self.renewer is not None and self.client is not None
-        old = self.leases.get(path)
         fresh = self._read(path, "rotation")
         if fresh is None:
             self.renewer.rotation_failed(path)
@@ -202,26 +222,17 @@ class Supervised:
             self.renewer.rotation_failed(path)
             return
         if new is not None:
-            self.leases[path] = new
-            self.created.add(new.lease_id)
-            self.renewer.track(path, new.lease_id, new.duration, new.renewable, new.issued_at)
+            self.renewer.track(path, new, rotated_at=self.clock())
         else:
-            self.leases.pop(path, None)
             self.renewer.forget(path)
-        self.last_rotation[path] = time.time()
         log.info(
-            "lease rotated",
-            path=path,
-            reason=reason,
-            old_lease=old.lease_id if old else None,
-            new_lease=new.lease_id if new else None,
+            "lease rotated", path=path, reason=reason, old_lease=old_lease_id, new_lease=new.lease_id if new else None
         )
         restarted = self._apply_on_rotate() if changed else False
-        if old is not None:
-            if restarted:  # the old app is gone: nothing uses the old credentials
-                self._revoke(old.lease_id)
-            else:  # signalled, or a sidecar's app: give it stop_timeout to switch
-                self.pending_revokes.append((time.monotonic() + self.cfg.process.stop_timeout, old.lease_id))
+        if restarted:  # the old app is gone: nothing uses the old credentials
+            self._revoke(old_lease_id)
+        else:  # signalled, or a sidecar's app: give it stop_timeout to switch
+            self.pending_revokes.append((self.clock() + self.cfg.process.stop_timeout, old_lease_id))
 
     def _refresh(self, path: str) -> None:
         assert self.renewer is not None
@@ -233,7 +244,7 @@ class Supervised:
                     self._apply_on_rotate()
             except SecretInitError as e:
                 log.error("refresh could not write files", path=path, error=str(e))
-        self.renewer.refreshed(path)
+        self.renewer.watch_static(path)
 
     def _write(self, fresh: list[Material]) -> bool:
         written = self.done.sink.write(output_files(fresh, self.done.owners))
@@ -241,11 +252,7 @@ class Supervised:
 
     def _revoke(self, lease_id: str) -> None:
         assert self.client is not None
-        try:
-            self.client.revoke_lease(lease_id)
-            self.created.discard(lease_id)
-        except SecretInitError as e:
-            log.warning("lease revoke failed; it expires by itself", lease_id=lease_id, error=str(e))
+        self.client.revoke_lease_quietly(lease_id)
 
     def _expired(self, path: str) -> None:
         if self.cfg.process.on_expiry == "keep":
@@ -260,13 +267,16 @@ class Supervised:
             self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
 
     def _shutdown_vault(self) -> None:
+        leases = []
         if self.renewer is not None:
             self.renewer.stop(timeout=self.cfg.vault.request_timeout * 3)
-        self.pending_revokes.clear()  # still in self.created: revoked below
+            leases = [lease.lease_id for lease in self.renewer.snapshot().values()]
+        leases += [lease_id for _, lease_id in self.pending_revokes]
+        self.pending_revokes.clear()
         if self.client is None:
             return
         if self.cfg.vault.revoke_on_exit:
-            for lease_id in sorted(self.created):
+            for lease_id in sorted(leases):
                 self._revoke(lease_id)
         self.client.revoke_own_token()
 
@@ -275,7 +285,8 @@ class Supervised:
     def _apply_on_rotate(self) -> bool:
         """Restart or signal the app; True when it was restarted."""
         if self.command is None:
-            self._notify_sidecar_app()
+            if self.cfg.sidecar.notify_pidfile is not None:
+                self.supervisor.notify(self.cfg.sidecar.notify_pidfile, self.cfg.sidecar.notify_signal)
             return False
         action = self.cfg.process.on_rotate
         self.supervisor.reap()  # an app that already exited is not brought back
@@ -285,33 +296,13 @@ class Supervised:
             # The app alone: a reload signal is its to pass on, not its children's to die of.
             self.supervisor.signal_app(self.cfg.process.rotate_signal)
             return False
-        old_pid = self.supervisor.pid
-        self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
-        self.supervisor.stop_leftovers(self.cfg.process.stop_timeout)
-        new_pid = self.supervisor.start(self.command, self.env, self.app_user)
-        log.info("app restarted", old_pid=old_pid, new_pid=new_pid)
-        return True
-
-    def _notify_sidecar_app(self) -> None:
-        """Signal the app in another container that shares our PID namespace, if configured."""
-        pidfile = self.cfg.sidecar.notify_pidfile
-        if pidfile is None:
-            return
-        try:
-            with open(pidfile, "rb") as f:
-                pid = int(f.read(32).strip())
-            os.kill(pid, self.cfg.sidecar.notify_signal)
-            log.info("app notified", pid=pid, signal=signal.Signals(self.cfg.sidecar.notify_signal).name)
-        except (OSError, ValueError) as e:
-            log.warning("could not notify the app", pidfile=pidfile, error=str(e))
+        process = self.cfg.process
+        return self.supervisor.restart(self.command, self.env, self.app_user, process.stop_signal, process.stop_timeout)
 
     # -- status ---------------------------------------------------------------------------
 
     def _write_status(self, state: str = "running") -> None:
-        from secret_init import status
-        from secret_init.renewal import rotate_at
-
-        wall = time.time() - time.monotonic()
+        wall = time.time() - self.clock()  # monotonic to wall, for people only
         views = {}
         if self.renewer is not None:
             for path, lease in self.renewer.snapshot().items():
@@ -322,18 +313,18 @@ class Supervised:
                     # Unprobed: its deadline is provisional, and its probe comes first.
                     rotate_at=rotate_at(lease, self.cfg.process.rotate_before) + wall if lease.probed else None,
                     last_renewal=lease.last_renewal + wall if lease.last_renewal is not None else None,
+                    last_rotation=lease.rotated_at + wall if lease.rotated_at is not None else None,
                     rotating=lease.rotating,
                 )
-        doc = status.build(self.cfg, views, self.last_rotation, os.getpid(), self.supervisor.pid, time.time(), state)
+        doc = status.build(self.cfg, views, os.getpid(), self.supervisor.pid, time.time(), state)
         # Rewrite only on change; updated_at alone does not count.
         key = {k: v for k, v in doc.items() if k != "updated_at"}
         if key == self._last_status:
             return
         self._last_status = key
-        data = status.encode(doc)
         owner = Owner(os.geteuid(), self.done.user.gid if privileges.is_root() else os.getegid())
         try:
-            self.done.sink.write_status(status.STATUS_FILE, data, owner)
+            self.done.sink.write_status(status.STATUS_FILE, status.encode(doc), owner)
         except SecretInitError as e:
             log.warning("status.json could not be written", error=str(e))
 
@@ -341,9 +332,9 @@ class Supervised:
 def _stay_resident() -> None:
     """Collect garbage again: cli.main paused it for the start-up, and this process stays.
 
-    Once the app runs, not before. One full collection first (~20 ms): start-up garbage
-    can hold secret values, from a failed request's traceback say. Then the survivors,
-    ~45,000 objects (modules, mostly), are frozen: no later collection scans them.
+    One full collection first: start-up garbage can hold secret values, from a failed
+    request's traceback say. Then the survivors (modules, mostly) are frozen, so that
+    no later collection scans them.
     """
     gc.collect()
     gc.freeze()

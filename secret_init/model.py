@@ -1,12 +1,6 @@
-"""The values that flow from sources to the sink. None of them prints its secret.
+"""The values that flow from sources to the sink. None of them prints its secret."""
 
-Records here are NamedTuples, not frozen dataclasses: they are built at start-up,
-where a frozen dataclass costs ~1.4 ms to define and a NamedTuple ~0.3 ms.
-"""
-
-# hmac.compare_digest is this same constant-time C function (or OpenSSL's, when
-# _hashlib loads); importing hmac loads OpenSSL, ~5 ms of start-up.
-from _operator import _compare_digest as compare_digest
+from hmac import compare_digest
 from typing import NamedTuple
 
 from secret_init.config import SecretSpec

@@ -9,15 +9,12 @@ import os
 import pwd
 import re
 import resource
-import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import NamedTuple
-
-import structlog
 
 from secret_init.errors import PermissionRefusedError, SecretInitError, UnknownUserError
 from secret_init.fsinfo import libc
-
-log = structlog.get_logger()
 
 PR_SET_DUMPABLE = 4
 PR_SET_NO_NEW_PRIVS = 38
@@ -69,11 +66,9 @@ def is_root() -> bool:
 
 
 def drop(user: AppUser) -> None:
-    """Become `user` for good; without root only no_new_privs is set.
+    """Become `user` for good; without root only no_new_privs is set."""
+    import structlog  # imported by the caller long before: no import after the drop
 
-    Nothing is imported after the drop on the way to exec. Only an internal error's
-    traceback may load logs.DEFERRED's linecache then, from the root-owned stdlib.
-    """
     # Before the drop: ctypes may not be importable once we are the app (the
     # interpreter's own files can be out of its reach).
     set_no_new_privs()
@@ -85,7 +80,7 @@ def drop(user: AppUser) -> None:
         except OSError as e:
             raise PermissionRefusedError(f"cannot switch to uid {user.uid} gid {user.gid}: {e.strerror}") from None
         verify_dropped(user)
-        log.info("privileges dropped", uid=user.uid, gid=user.gid, groups=list(user.groups))
+        structlog.get_logger().info("privileges dropped", uid=user.uid, gid=user.gid, groups=list(user.groups))
 
 
 def verify_dropped(user: AppUser) -> None:
@@ -97,7 +92,7 @@ def verify_dropped(user: AppUser) -> None:
         problems.append(f"gids are {os.getresgid()}")
     if set(os.getgroups()) != set(user.groups):
         problems.append(f"groups are {sorted(os.getgroups())}")
-    status = _proc_status()
+    status = proc_status("self")
     if status.get("NoNewPrivs") != "1":
         problems.append("no_new_privs is not set")
     if user.uid != 0:
@@ -118,10 +113,10 @@ def _can_become_root() -> bool:
     return True
 
 
-def _proc_status() -> dict[str, str]:
-    """/proc/self/status as a dict; empty when unreadable, which then fails every check."""
+def proc_status(pid: int | str) -> dict[str, str]:
+    """/proc/PID/status as a dict; empty when unreadable (the process is gone)."""
     try:
-        with open("/proc/self/status", "rb") as f:  # binary: no codec import after the drop
+        with open(f"/proc/{pid}/status", "rb") as f:  # binary: no codec import after the drop
             text = f.read().decode("utf-8", "replace")
     except OSError:
         return {}
@@ -136,40 +131,37 @@ def protect_process() -> None:
     limit is given back to the app by restore_core_limit.
     """
     global _saved_core_limit
-    _prctl(PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
+    prctl(PR_SET_DUMPABLE, 0, "PR_SET_DUMPABLE")
     _saved_core_limit = resource.getrlimit(resource.RLIMIT_CORE)
     resource.setrlimit(resource.RLIMIT_CORE, (0, _saved_core_limit[1]))
 
 
-def trust_only_root_import_paths() -> None:
-    """As root, forget import paths that another user could write to.
-
-    secret-init imports lazily, as root, while the app runs beside it (the renewal code,
-    psutil at shutdown, modules logs.DEFERRED put off). A module planted in such a
-    directory, the app's working directory under `python -m` say, would run as root.
-    """
-    if is_root():
-        sys.path[:] = [p for p in sys.path if _only_root_writes(p or os.curdir)]
-
-
-def _only_root_writes(path: str) -> bool:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return False  # nothing there yet: nobody may put something there later
-    return st.st_uid == 0 and not st.st_mode & 0o002
-
-
 def restore_core_limit() -> None:
+    """The app's own core-file limit, for the exec path: nothing of ours runs after it."""
     if _saved_core_limit is not None:
         resource.setrlimit(resource.RLIMIT_CORE, _saved_core_limit)
 
 
+@contextmanager
+def app_core_limit() -> Iterator[None]:
+    """The app's core-file limit while a supervised app is forked; 0 again afterwards.
+
+    The limit is per process, so other threads see it for that moment too: harmless,
+    since this process is not dumpable (protect_process) and so never writes a core.
+    """
+    restore_core_limit()
+    try:
+        yield
+    finally:
+        if _saved_core_limit is not None:
+            resource.setrlimit(resource.RLIMIT_CORE, (0, _saved_core_limit[1]))
+
+
 def set_no_new_privs() -> None:
-    _prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
+    prctl(PR_SET_NO_NEW_PRIVS, 1, "PR_SET_NO_NEW_PRIVS")
 
 
-def _prctl(option: int, value: int, name: str) -> None:
+def prctl(option: int, value: int, name: str) -> None:
     import ctypes
 
     if libc().prctl(option, value, 0, 0, 0) != 0:

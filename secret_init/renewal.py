@@ -7,7 +7,11 @@ because a lease dies with the token that created it. Vault does not report a max
 the thread learns it with a probe at the lease's first renewal, so tracking a lease
 costs no Vault call. When less than `rotate_before` is
 left, or renewal is refused, the thread reports "rotate this path". It never writes files
-or touches processes: the one loop in app.py decides what happens.
+or touches processes: the one loop in loop.py decides what happens.
+
+The renewer is the one owner of lease state; the loop gets snapshots and tells it of new
+leases. Every decision is a pure function of (state, now, rng) below; the thread only
+carries them out. The token follows the same rule.
 """
 
 import math
@@ -15,15 +19,15 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import structlog
 
 from secret_init.errors import SecretInitError
 
 if TYPE_CHECKING:
-    from secret_init.vault import VaultClient
+    from secret_init.model import Lease
+    from secret_init.vault import TokenInfo, VaultClient
 
 log = structlog.get_logger()
 
@@ -44,8 +48,7 @@ TTL_GRANULARITY = 1.0
 # -- the pure schedule ------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LeaseState:
+class LeaseState(NamedTuple):
     """Everything the schedule knows about one lease. Times are on the injected clock."""
 
     path: str
@@ -65,6 +68,7 @@ class LeaseState:
     # False until the max-TTL probe: the deadline is then provisional (issue + TTL).
     probed: bool = True
     token_deadline: float = FAR  # of the token that created it: a later login does not extend it
+    rotated_at: float | None = None  # when the rotation that brought this lease finished
 
     @property
     def lifetime(self) -> float:
@@ -109,7 +113,7 @@ def unprobed_lease(
     """
     lease = new_lease(path, lease_id, duration, True, issued_at, min(issued_at + duration, token_deadline), rng)
     probe_at = min(lease.next_renewal, rotate_at(lease, configured))
-    return replace(lease, probed=False, next_renewal=probe_at, token_deadline=token_deadline)
+    return lease._replace(probed=False, next_renewal=probe_at, token_deadline=token_deadline)
 
 
 def after_probe(lease: LeaseState, now: float, max_remaining: float, ttl: float, rng: random.Random) -> LeaseState:
@@ -118,7 +122,7 @@ def after_probe(lease: LeaseState, now: float, max_remaining: float, ttl: float,
     The lease's life still starts at its issue: rotate_before is a share of all of it.
     """
     deadline = min(now + max_remaining - min(TTL_GRANULARITY, max_remaining / 2), lease.token_deadline)
-    return after_renewal(replace(lease, deadline=deadline, probed=True), now, ttl, rng)
+    return after_renewal(lease._replace(deadline=deadline, probed=True), now, ttl, rng)
 
 
 def renewal_time(now: float, remaining: float, grace: float) -> float:
@@ -146,8 +150,7 @@ def rotate_at(lease: LeaseState, configured: float | None) -> float:
 def after_renewal(lease: LeaseState, now: float, ttl: float, rng: random.Random) -> LeaseState:
     expires = min(now + ttl, lease.deadline)
     grace = grace_for(lease.duration, rng)
-    return replace(
-        lease,
+    return lease._replace(
         expires_at=expires,
         grace=grace,
         next_renewal=renewal_time(now, expires - now, grace),
@@ -168,7 +171,7 @@ def after_error(lease: LeaseState, now: float, rng: random.Random) -> LeaseState
     last_chance = lease.expires_at - min(1.0, (lease.expires_at - now) / 2)
     if now < last_chance < retry:
         retry = last_chance
-    return replace(lease, errors=errors, next_renewal=retry)
+    return lease._replace(errors=errors, next_renewal=retry)
 
 
 def next_wake(lease: LeaseState, configured: float | None) -> float:
@@ -186,46 +189,145 @@ def next_wake(lease: LeaseState, configured: float | None) -> float:
     return min(times, default=FAR)
 
 
+class LeaseDecision(NamedTuple):
+    """What tending one lease at `now` means: its new state, a rotation to report, a Vault call."""
+
+    state: LeaseState
+    rotate: str | None = None  # the reason, when a Rotate event is due
+    call: str | None = None  # "renew" or "probe"
+
+
+def decide_lease(lease: LeaseState, now: float, configured: float | None) -> LeaseDecision:
+    rotate = None
+    if lease.rotating:
+        if now >= lease.retry_at:
+            lease, rotate = lease._replace(retry_at=FAR), "retry after a failed rotation"
+    elif lease.probed and now >= rotate_at(lease, configured):
+        lease, rotate = lease._replace(rotating=True, retry_at=FAR), "rotate_before reached"
+    # Renew even while a rotation is pending: it keeps the old credentials alive up to
+    # the deadline if the rotation has to wait for Vault.
+    if now >= lease.expires_at:
+        # Too late to renew; the loop applies on_expiry. Stop waking for it.
+        return LeaseDecision(lease._replace(next_renewal=FAR), rotate)
+    if lease.renewable and now >= lease.next_renewal:
+        return LeaseDecision(lease, rotate, "renew" if lease.probed else "probe")  # a probe renews too
+    return LeaseDecision(lease, rotate)
+
+
+def after_refusal(lease: LeaseState) -> tuple[LeaseState, bool]:
+    """Vault refused a renewal (revoked, expired): rotate, unless a rotation is already out."""
+    if lease.rotating:
+        return lease, False
+    return lease._replace(rotating=True, retry_at=FAR, probed=True), True
+
+
+def after_rotation_failed(lease: LeaseState, now: float, rng: random.Random) -> LeaseState:
+    """Try rotating again after a backoff; the lease keeps its expiry."""
+    errors = lease.errors + 1
+    return lease._replace(errors=errors, retry_at=now + _backoff(errors, rng))
+
+
+def capped_by_token(lease: LeaseState, token_deadline: float) -> LeaseState:
+    """A lease made before its token's limits were known: it dies with that token."""
+    deadline = min(lease.deadline, token_deadline)
+    return lease._replace(
+        token_deadline=min(lease.token_deadline, token_deadline),
+        deadline=deadline,
+        expires_at=min(lease.expires_at, deadline),
+    )
+
+
+# -- the token's pure schedule -----------------------------------------------------------
+
+
+class TokenState(NamedTuple):
+    known: bool = True  # False until a lookup-self has answered
+    deadline: float = FAR  # its max TTL; FAR for a token that never expires
+    expires_at: float = FAR
+    renewable: bool = False
+    ttl: float = 0.0  # what each renewal asks for
+    next_renewal: float = FAR  # also the next lookup while not `known`
+    # Log in again halfway to the deadline, so that every lease made with this token
+    # (rotated 1/3 of its life before the deadline) is rotated with the next token.
+    next_relogin: float = FAR
+    errors: int = 0
+
+    @property
+    def next_action(self) -> float:
+        return min(self.next_renewal, self.next_relogin)
+
+
+def token_unknown(now: float) -> TokenState:
+    return TokenState(known=False, next_renewal=now)
+
+
+def token_learned(now: float, info: "TokenInfo", owned: bool, rng: random.Random) -> TokenState:
+    """The token as lookup-self (and its max-TTL probe) described it at `now`."""
+    return TokenState(
+        deadline=now + info.max_remaining - TTL_GRANULARITY,
+        expires_at=now + info.ttl,
+        renewable=info.renewable,
+        ttl=info.ttl,
+        next_renewal=renewal_time(now, info.ttl, grace_for(info.ttl, rng)) if info.renewable else FAR,
+        next_relogin=now + info.max_remaining / 2 if owned else FAR,
+    )
+
+
+def token_action(token: TokenState, now: float) -> str | None:
+    """ "lookup", "relogin", "renew", "expired" (once: only a re-login helps then) or None."""
+    if not token.known:
+        return "lookup" if now >= token.next_renewal else None
+    if now >= token.next_relogin:
+        return "relogin"
+    if now < token.next_renewal:
+        return None
+    return "expired" if now >= token.expires_at else "renew"
+
+
+def token_renewed(token: TokenState, now: float, ttl: float, rng: random.Random) -> TokenState:
+    expires = min(now + ttl, token.deadline)
+    return token._replace(
+        errors=0, expires_at=expires, next_renewal=renewal_time(now, expires - now, grace_for(ttl, rng))
+    )
+
+
+def token_failed(token: TokenState, action: str, now: float, rng: random.Random) -> TokenState:
+    """Back off the failed action: a lookup or renewal, or a re-login."""
+    errors = token.errors + 1
+    retry = now + _backoff(errors, rng)
+    if action == "relogin":
+        return token._replace(errors=errors, next_relogin=retry)
+    return token._replace(errors=errors, next_renewal=retry)
+
+
+def token_after_blind_relogin(token: TokenState, now: float) -> TokenState:
+    """Logged in, but the new token's limits are unknown: renew it soon, never log in again for this."""
+    return TokenState(renewable=True, ttl=token.ttl, next_renewal=now + 1)
+
+
 # -- the thread -----------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Rotate:
+class Rotate(NamedTuple):
     path: str
     lease_id: str  # the lease this is about; stale once the path has a newer one
     reason: str
 
 
-@dataclass(frozen=True)
-class Refresh:
+class Refresh(NamedTuple):
     path: str
 
 
-@dataclass
-class TokenState:
-    issued_at: float = 0.0
-    deadline: float = FAR  # its max TTL; FAR for a token that never expires
-    expires_at: float = FAR
-    renewable: bool = False
-    ttl: float = 0.0  # what each renewal asks for
-    next_renewal: float = FAR
-    # AppRole: log in again halfway to the deadline, so that every lease made with this
-    # token (rotated 1/3 of its life before the deadline) is rotated with the next token.
-    next_relogin: float = FAR
-    errors: int = 0
-
-    def next_action(self) -> float:
-        return min(self.next_renewal, self.next_relogin)
-
-
-@dataclass
-class _Shared:
-    leases: dict[str, LeaseState] = field(default_factory=dict)
-    refresh: dict[str, float] = field(default_factory=dict)  # path -> next refresh time
+R = TypeVar("R")
+_TOKEN_FAILURES = {
+    "lookup": "vault token lookup failed, retrying",
+    "relogin": "token re-login failed",
+    "renew": "token renewal failed",
+}
 
 
 class Renewer(threading.Thread):
-    """Keeps leases and the token alive; posts Rotate, Expired and Refresh events."""
+    """Keeps leases and the token alive; posts Rotate and Refresh events. Owns all lease state."""
 
     def __init__(
         self,
@@ -243,66 +345,61 @@ class Renewer(threading.Thread):
         self.refresh_interval = refresh_interval
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
-        self.token = TokenState()
-        self._state = _Shared()
+        self.token = TokenState()  # the thread's alone, once it runs
+        self._leases: dict[str, LeaseState] = {}
+        self._refresh: dict[str, float] = {}  # path -> next refresh time
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._stopping = False
-        self._token_unknown = False  # the first lookup failed: the thread retries it first
 
     # -- called from the main loop ---------------------------------------------------------
 
-    def track(self, path: str, lease_id: str, duration: float, renewable: bool, issued_at: float) -> None:
-        """Follow a new lease. No Vault call here: the thread probes its max TTL later."""
+    def track(self, path: str, lease: "Lease", rotated_at: float | None = None) -> None:
+        """Follow a new lease for `path`, replacing the old one. No Vault call: the thread probes later."""
         token_deadline = self.token.deadline
-        if renewable:
-            lease = unprobed_lease(
-                path, lease_id, duration, issued_at, token_deadline, self.configured_rotate_before, self.rng
-            )
+        if lease.renewable:
+            state = unprobed_lease(
+                path, lease.lease_id, lease.duration, lease.issued_at, token_deadline,
+                self.configured_rotate_before, self.rng,
+            )  # fmt: skip
         else:  # it can only expire: its TTL is its whole life
-            deadline = min(issued_at + duration, token_deadline)
-            lease = new_lease(path, lease_id, duration, False, issued_at, deadline, self.rng)
+            deadline = min(lease.issued_at + lease.duration, token_deadline)
+            state = new_lease(path, lease.lease_id, lease.duration, False, lease.issued_at, deadline, self.rng)
         with self._lock:
-            self._state.leases[path] = lease
+            self._leases[path] = state._replace(token_deadline=token_deadline, rotated_at=rotated_at)
         self._wake.set()
-        now = self.clock()
-        log.info("lease tracked", path=path, lease_id=lease_id, ttl=round(lease.expires_at - now, 1))
+        log.info("lease tracked", path=path, lease_id=lease.lease_id, ttl=round(state.expires_at - self.clock(), 1))
 
     def watch_static(self, path: str) -> None:
+        """Re-read `path` every refresh_interval (a static secret that may change); also after each refresh."""
         with self._lock:
-            self._state.refresh[path] = self.clock() + self.refresh_interval
+            self._refresh[path] = self.clock() + self.refresh_interval
         self._wake.set()
 
-    def refreshed(self, path: str) -> None:
-        self.watch_static(path)
-
     def rotation_failed(self, path: str) -> None:
-        """Try rotating again after a backoff; the lease keeps its expiry."""
         now = self.clock()
         with self._lock:
-            lease = self._state.leases.get(path)
+            lease = self._leases.get(path)
             if lease is not None:
-                errors = lease.errors + 1
-                self._state.leases[path] = replace(lease, errors=errors, retry_at=now + _backoff(errors, self.rng))
+                self._leases[path] = after_rotation_failed(lease, now, self.rng)
         self._wake.set()
 
     def expire(self, path: str, lease_id: str) -> bool:
         """Mark the lease expired; True the first time, so on_expiry is applied once."""
         with self._lock:
-            lease = self._state.leases.get(path)
+            lease = self._leases.get(path)
             if lease is None or lease.lease_id != lease_id or lease.expired:
                 return False
-            self._state.leases[path] = replace(lease, expired=True, rotating=True)
+            self._leases[path] = lease._replace(expired=True, rotating=True)
             return True
 
     def forget(self, path: str) -> None:
         with self._lock:
-            self._state.leases.pop(path, None)
-            self._state.refresh.pop(path, None)
+            self._leases.pop(path, None)
 
     def snapshot(self) -> dict[str, LeaseState]:
         with self._lock:
-            return dict(self._state.leases)
+            return dict(self._leases)
 
     def stop(self, timeout: float) -> None:
         """Stop and wait for the thread, so nothing renews or logs in behind the shutdown."""
@@ -311,27 +408,7 @@ class Renewer(threading.Thread):
         if self.is_alive():
             self.join(timeout)
 
-    # -- the thread ---------------------------------------------------------------------
-
-    def learn_token(self) -> None:
-        """Learn the current token's deadline; called before the first lease is tracked."""
-        now = self.clock()
-        info = self.client.token_info()
-        self.token = TokenState(
-            issued_at=now,
-            deadline=now + info.max_remaining - TTL_GRANULARITY,
-            expires_at=now + info.ttl,
-            renewable=info.renewable,
-            ttl=info.ttl,
-            next_renewal=renewal_time(now, info.ttl, grace_for(info.ttl, self.rng)) if info.renewable else FAR,
-            next_relogin=now + info.max_remaining / 2 if self.client.owns_token else FAR,
-        )
-        log.info(
-            "token tracked",
-            ttl=info.ttl,
-            renewable=info.renewable,
-            max_remaining=None if info.max_remaining == FAR else round(info.max_remaining, 1),
-        )
+    # -- before the thread starts ---------------------------------------------------------
 
     def look_up_token(self) -> None:
         """Learn the token's limits before the first lease is tracked.
@@ -341,80 +418,59 @@ class Renewer(threading.Thread):
         A refusal (a policy without lookup-self, say) will not pass: it ends the start.
         """
         try:
-            self.learn_token()
+            self._learn_token()
         except SecretInitError as e:
             if e.exit_code != 69:
                 raise
             log.warning("could not look up the vault token; retrying in the background", error=str(e))
-            self._token_unknown = True
+            self.token = token_unknown(self.clock())
 
-    def _learn_token_late(self) -> bool:
-        try:
-            self.learn_token()
-        except SecretInitError as e:
-            self.token.errors += 1
-            log.warning("vault token lookup failed, retrying", error=str(e))
-            return False
-        deadline = self.token.deadline
-        with self._lock:  # every lease so far was made with this, the first, token
-            for path, lease in self._state.leases.items():
-                capped = min(lease.deadline, deadline)
-                self._state.leases[path] = replace(
-                    lease, token_deadline=min(lease.token_deadline, deadline), deadline=capped,
-                    expires_at=min(lease.expires_at, capped),
-                )  # fmt: skip
-        self._token_unknown = False
-        return True
+    # -- the thread ---------------------------------------------------------------------
 
     def run(self) -> None:
         while not self._stopping:
-            if self._token_unknown and not self._learn_token_late():
-                self._wake.wait(timeout=_backoff(self.token.errors, self.rng))
-                self._wake.clear()
-                continue
             try:
-                self._tend_all(self.clock())
-                wake = self._next_wake()
+                wake = self.step()
             except Exception as e:  # a bug must not end renewal silently
                 log.error("renewer error", error=f"{type(e).__name__}: {e}")
                 wake = self.clock() + ERROR_BACKOFF_START
             self._wake.wait(timeout=max(0.0, min(wake - self.clock(), 60.0)))
             self._wake.clear()
 
-    def _tend_all(self, now: float) -> None:
+    def step(self) -> float:
+        """Do what is due now; the time of the next duty. The thread's body, and the tests' handle."""
+        now = self.clock()
         self._tend_token(now)
+        if not self.token.known:  # leases wait for the token's limits: they cap every deadline
+            return self.token.next_action
         for path in list(self.snapshot()):
             self._tend_lease(path, now)
         self._tend_refresh(now)
-
-    def _next_wake(self) -> float:
-        times = [self.token.next_action()]
+        times = [self.token.next_action]
         with self._lock:
-            times += [next_wake(lease, self.configured_rotate_before) for lease in self._state.leases.values()]
-            times += list(self._state.refresh.values())
+            times += [next_wake(lease, self.configured_rotate_before) for lease in self._leases.values()]
+            times += list(self._refresh.values())
         return min(times)
 
     def _tend_lease(self, path: str, now: float) -> None:
         with self._lock:
-            lease = self._state.leases.get(path)
-        if lease is None:
+            seen = self._leases.get(path)
+        if seen is None:
             return
-        if lease.rotating:
-            if now >= lease.retry_at:
-                self._modify(lease, lambda s: replace(s, retry_at=FAR))
-                self.post(Rotate(path, lease.lease_id, "retry after a failed rotation"))
-        elif lease.probed and now >= rotate_at(lease, self.configured_rotate_before):
-            self._modify(lease, lambda s: replace(s, rotating=True, retry_at=FAR))
-            self.post(Rotate(path, lease.lease_id, "rotate_before reached"))
-        # Renew even while a rotation is pending: it keeps the old credentials alive
-        # up to the deadline if the rotation has to wait for Vault.
-        if now >= lease.expires_at:
-            # Too late to renew; the loop applies on_expiry. Stop waking for it.
-            self._modify(lease, lambda s: replace(s, next_renewal=FAR))
-        elif lease.renewable and now >= lease.next_renewal and lease.probed:
-            self._renew(lease)
-        elif lease.renewable and now >= lease.next_renewal:
-            self._probe(lease)  # the first renewal learns the max TTL too
+
+        def decide(state: LeaseState) -> tuple[LeaseState, LeaseDecision]:
+            decision = decide_lease(state, now, self.configured_rotate_before)
+            return decision.state, decision
+
+        decision = self._update(seen, decide)
+        if decision is None:
+            return
+        if decision.rotate is not None:
+            self.post(Rotate(path, seen.lease_id, decision.rotate))
+        if decision.call == "probe":
+            self._probe(decision.state)
+        elif decision.call == "renew":
+            self._renew(decision.state)
 
     def _probe(self, lease: LeaseState) -> None:
         """Learn the max TTL. The probe's renew-back is the lease's first renewal."""
@@ -424,15 +480,19 @@ class Renewer(threading.Thread):
         except SecretInitError as e:
             self._renewal_failed(lease, e)
             return
-        probed = self._modify(lease, lambda s: after_probe(s, sent, max_remaining, ttl, self.rng))
-        now = self.clock()
+
+        def probed_state(state: LeaseState) -> tuple[LeaseState, LeaseState]:
+            probed = after_probe(state, sent, max_remaining, ttl, self.rng)
+            return probed, probed
+
+        probed = self._update(lease, probed_state)
         if probed is not None:
             log.info(
                 "lease max TTL learned",
                 path=lease.path,
                 lease_id=lease.lease_id,
                 ttl=ttl,
-                deadline_in=round(probed.deadline - now, 1),
+                deadline_in=round(probed.deadline - self.clock(), 1),
                 rotate_before=round(rotate_before(probed, self.configured_rotate_before), 1),
             )
 
@@ -443,84 +503,83 @@ class Renewer(threading.Thread):
             self._renewal_failed(lease, e)
             return
         now = self.clock()
-        if self._modify(lease, lambda s: after_renewal(s, now, ttl, self.rng)):
+        if self._update(lease, lambda s: (after_renewal(s, now, ttl, self.rng), True)):
             log.info("lease renewed", lease_id=lease.lease_id, ttl=ttl)
 
     def _renewal_failed(self, lease: LeaseState, error: SecretInitError) -> None:
         if error.exit_code == 69:  # Vault unreachable: keep trying until the deadline
             log.warning("lease renewal failed, retrying", lease_id=lease.lease_id, error=str(error))
-            self._modify(lease, lambda s: after_error(s, self.clock(), self.rng))
-            return
-        # Refused (revoked, or expired): rotate, once. A lease rotated away meanwhile is left alone.
-        marked: list[bool] = []
-
-        def mark(state: LeaseState) -> LeaseState:
-            if state.rotating:
-                return state
-            marked.append(True)
-            return replace(state, rotating=True, retry_at=FAR, probed=True)
-
-        if self._modify(lease, mark) and marked:
+            now = self.clock()
+            self._update(lease, lambda s: (after_error(s, now, self.rng), True))
+        elif self._update(lease, after_refusal):  # a lease rotated away meanwhile is left alone
             log.warning("lease renewal refused; rotating", lease_id=lease.lease_id, error=str(error))
             self.post(Rotate(lease.path, lease.lease_id, "renewal refused"))
 
-    def _modify(self, seen: LeaseState, change: Callable[[LeaseState], LeaseState]) -> LeaseState | None:
-        """Apply `change` to the current state of the lease `seen` was a snapshot of.
+    def _update(self, seen: LeaseState, change: Callable[[LeaseState], tuple[LeaseState, R]]) -> R | None:
+        """Apply `change` to the current state of the lease `seen` was a snapshot of; its result.
 
         None when that lease is no longer tracked (rotated away meanwhile): nothing changes.
         """
         with self._lock:
-            current = self._state.leases.get(seen.path)
+            current = self._leases.get(seen.path)
             if current is None or current.lease_id != seen.lease_id:
                 return None
-            changed = self._state.leases[seen.path] = change(current)
-            return changed
+            self._leases[seen.path], result = change(current)
+            return result
+
+    # -- the token ------------------------------------------------------------------------
 
     def _tend_token(self, now: float) -> None:
-        token = self.token
-        if now >= token.next_relogin:
-            self._relogin(now)
+        action = token_action(self.token, now)
+        if action is None:
             return
-        if now < token.next_renewal:
-            return
-        if now >= token.expires_at:
-            token.next_renewal = FAR  # expired: only a re-login can help now
+        if action == "expired":
+            self.token = self.token._replace(next_renewal=FAR)
             log.error("vault token expired")
             return
         try:
-            ttl = self.client.renew_token(token.ttl)
+            if action == "lookup":
+                self._learn_token()
+                self._cap_leases_by_token()
+            elif action == "relogin":
+                self._relogin(now)
+            else:
+                ttl = self.client.renew_token(self.token.ttl)
+                self.token = token_renewed(self.token, self.clock(), ttl, self.rng)
+                log.info("token renewed", ttl=ttl)
         except SecretInitError as e:
-            token.errors += 1
-            token.next_renewal = now + _backoff(token.errors, self.rng)
-            log.warning("token renewal failed", error=str(e))
-            return
+            self.token = token_failed(self.token, action, now, self.rng)
+            log.warning(_TOKEN_FAILURES[action], error=str(e))
+
+    def _learn_token(self) -> None:
         now = self.clock()
-        token.errors = 0
-        token.expires_at = min(now + ttl, token.deadline)
-        token.next_renewal = renewal_time(now, token.expires_at - now, grace_for(ttl, self.rng))
-        log.info("token renewed", ttl=ttl)
+        info = self.client.token_info()
+        self.token = token_learned(now, info, self.client.owns_token, self.rng)
+        log.info(
+            "token tracked",
+            ttl=info.ttl,
+            renewable=info.renewable,
+            max_remaining=None if info.max_remaining == FAR else round(info.max_remaining, 1),
+        )
+
+    def _cap_leases_by_token(self) -> None:
+        with self._lock:  # every lease so far was made with this, the first, token
+            for path, lease in self._leases.items():
+                self._leases[path] = capped_by_token(lease, self.token.deadline)
 
     def _relogin(self, now: float) -> None:
-        token = self.token
-        try:
-            self.client.login()
-        except SecretInitError as e:
-            token.errors += 1
-            token.next_relogin = now + _backoff(token.errors, self.rng)
-            log.warning("token re-login failed", error=str(e))
-            return
+        self.client.login()
         log.info("token re-login", reason="halfway to the token's max TTL")
         try:
-            self.learn_token()
+            self._learn_token()
         except SecretInitError as e:
-            # Logged in, but the new token's limits are unknown: renew it, never log in again for this.
-            self.token = TokenState(issued_at=now, renewable=True, ttl=token.ttl, next_renewal=now + 1)
+            self.token = token_after_blind_relogin(self.token, now)
             log.warning("could not look up the new token", error=str(e))
 
     def _tend_refresh(self, now: float) -> None:
         with self._lock:
-            due = [path for path, at in self._state.refresh.items() if now >= at]
+            due = [path for path, at in self._refresh.items() if now >= at]
             for path in due:
-                self._state.refresh[path] = FAR  # until the loop reports it refreshed
+                self._refresh[path] = FAR  # until the loop reports it refreshed
         for path in due:
             self.post(Refresh(path))

@@ -11,11 +11,9 @@ import errno
 import fcntl
 import os
 import stat
-
-# hmac.compare_digest without importing hmac (and OpenSSL): see model.py.
-from _operator import _compare_digest as compare_digest
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from hmac import compare_digest
 from typing import NamedTuple
 
 import structlog
@@ -225,7 +223,7 @@ class Sink:
         return {f.name for f, _ in staged}
 
     def _stage(self, f: OutputFile, dfd: int) -> str:
-        temp = f"{TEMP_PREFIX}{os.urandom(8).hex()}"  # secrets.token_hex, without importing hmac
+        temp = f"{TEMP_PREFIX}{os.urandom(8).hex()}"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(temp, flags, 0o600, dir_fd=dfd)

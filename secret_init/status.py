@@ -1,13 +1,15 @@
 """status.json: what the supervisor knows, for `secret-init health` and for people. No values.
 
-Pure: building and judging the status take plain data and an explicit clock.
+Building and judging the status are pure: plain data and an explicit clock. Only
+`health`, the command, reads the config and the file.
 """
 
 import json
 import math
+import os
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TextIO
 
 from secret_init.config import Config
 
@@ -24,6 +26,7 @@ class LeaseView(NamedTuple):
     deadline: float
     rotate_at: float | None  # None until the lease's max TTL is known
     last_renewal: float | None
+    last_rotation: float | None  # when the rotation that brought this lease finished
     rotating: bool
 
 
@@ -42,7 +45,6 @@ def parse_iso(text: str | None) -> float | None:
 def build(
     cfg: Config,
     leases: Mapping[str, LeaseView],
-    last_rotation: Mapping[str, float],
     supervisor_pid: int,
     app_pid: int | None,
     now: float,
@@ -50,8 +52,7 @@ def build(
 ) -> dict[str, Any]:
     secrets = []
     for spec in cfg.secrets:
-        path = spec.source.path if spec.source.kind == "vault" else None
-        lease = leases.get(path) if path else None
+        lease = leases.get(spec.source.path) if spec.source.kind == "vault" else None
         secrets.append(
             {
                 "name": spec.name,
@@ -62,7 +63,7 @@ def build(
                 "deadline": iso(lease.deadline) if lease else None,
                 "rotate_at": iso(lease.rotate_at) if lease else None,
                 "last_renewal": iso(lease.last_renewal) if lease else None,
-                "last_rotation": iso(last_rotation.get(path)) if path else None,
+                "last_rotation": iso(lease.last_rotation) if lease else None,
                 "rotating": lease.rotating if lease else False,
             }
         )
@@ -95,3 +96,33 @@ def problems(cfg: Config, status: Mapping[str, Any] | None, now: float, exists: 
         elif rotate_at is not None and now >= rotate_at and not entry.get("rotating"):
             found.append(f"{lease} is past rotate_before and no rotation is in progress")
     return found
+
+
+def health(config_path: str, out: TextIO) -> int:
+    """`secret-init health`: 0 when every file exists and no lease is overdue; no Vault call."""
+    import time
+
+    from secret_init import config
+    from secret_init.errors import SecretInitError
+
+    try:
+        cfg = config.load(config_path, os.environ)
+    except SecretInitError as e:
+        print(f"unhealthy: {e}", file=out)
+        return 1
+    doc = None
+    try:
+        with open(f"{cfg.output.dir}/{STATUS_DIR}/{STATUS_FILE}", "rb") as f:
+            doc = json.loads(f.read())
+    except FileNotFoundError:
+        pass  # a one-shot run keeps no status: the files are all there is to check
+    except (OSError, ValueError) as e:
+        print(f"unhealthy: status file unreadable: {e}", file=out)
+        return 1
+    found = problems(cfg, doc, time.time(), os.path.exists)
+    if found:
+        more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+        print(f"unhealthy: {found[0]}{more}", file=out)
+        return 1
+    print("healthy", file=out)
+    return 0

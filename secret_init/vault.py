@@ -10,8 +10,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 import hvac
 import hvac.exceptions as hvac_errors
@@ -69,21 +68,27 @@ _MAX_CREDENTIAL_FILE = 64 * 1024
 PROBE_INCREMENT = 10**9  # seconds; Vault caps it at the max TTL, which is what we want to know
 
 
-@dataclass(frozen=True)
-class TokenInfo:
+class TokenInfo(NamedTuple):
     ttl: float
     renewable: bool
     max_remaining: float  # until the token's max TTL; inf for a token that never expires
 
 
-@dataclass(frozen=True)
 class VaultSecret:
-    """One read of one path: its fields (KV v2 unwrapped) and its lease, if any."""
+    """One read of one path: its fields (KV v2 unwrapped) and its lease, if any. Its repr shows no field."""
 
-    path: str
-    fields: Mapping[str, Any] = field(repr=False)
-    lease: Lease | None
-    warnings: tuple[str, ...] = ()
+    __slots__ = ("fields", "lease", "path", "warnings")
+
+    def __init__(
+        self, path: str, fields: Mapping[str, Any], lease: Lease | None, warnings: tuple[str, ...] = ()
+    ) -> None:
+        self.path = path
+        self.fields = fields
+        self.lease = lease
+        self.warnings = warnings
+
+    def __repr__(self) -> str:
+        return f"VaultSecret(path={self.path!r}, fields=<{len(self.fields)}>, lease={self.lease!r})"
 
 
 def is_transient(exc: BaseException, idempotent: bool = True) -> bool:
@@ -221,7 +226,7 @@ class VaultClient:
         response = self._call(f"read of {path} ({purpose})", lambda: self.client.read(path))
         if response is None:
             raise SourceError(f"vault: {path} ({purpose}): no secret at this path (HTTP 404)")
-        return parse_response(path, response)
+        return parse_response(path, response, self._clock())
 
     def capabilities(self, paths: list[str]) -> dict[str, list[str]]:
         response = self._call("capabilities-self", lambda: self.client.sys.get_capabilities(paths=paths))
@@ -322,13 +327,6 @@ class VaultClient:
             if is_login:
                 return ConfigError(f"vault at {self.addr}: {what}: no such auth method ({reason}); check approle_mount")
             return SourceError(f"vault at {self.addr}: {what}: {reason}")
-        if isinstance(exc, ImportError) and "SSL module is not available" in str(exc):
-            # app.prepare_vault_imports kept OpenSSL out for this plain-http address. 69, not
-            # 78: the renewer keeps trying (and rotating) up to the deadline, as in an outage.
-            return VaultUnavailableError(
-                f"vault at {self.addr}: {what}: needs TLS (a redirect or a proxy to https), which "
-                "secret-init does not load for plain http to this host; set addr to the https:// address"
-            )
         if isinstance(exc, requests.exceptions.RequestException | hvac_errors.VaultError):
             return VaultUnavailableError(f"vault at {self.addr}: {what} failed: {reason}")
         return SecretInitError(f"vault at {self.addr}: {what} failed: {type(exc).__name__}")
@@ -355,7 +353,8 @@ def _outcome_error(state: tenacity.RetryCallState) -> str:
     return describe(exc) if exc is not None else ""
 
 
-def parse_response(path: str, response: Mapping[str, Any]) -> VaultSecret:
+def parse_response(path: str, response: Mapping[str, Any], now: float) -> VaultSecret:
+    """`now`, on the client's clock, is when Vault answered: a lease's TTL runs from then."""
     data = response.get("data")
     if not isinstance(data, dict):
         raise DataError(f"vault: {path}: the response has no data object")
@@ -364,9 +363,7 @@ def parse_response(path: str, response: Mapping[str, Any]) -> VaultSecret:
     lease_id = response.get("lease_id") or ""
     lease = None
     if lease_id:
-        lease = Lease(
-            lease_id, float(response.get("lease_duration") or 0), bool(response.get("renewable")), time.monotonic()
-        )
+        lease = Lease(lease_id, float(response.get("lease_duration") or 0), bool(response.get("renewable")), now)
     return VaultSecret(path, data, lease, tuple(response.get("warnings") or ()))
 
 

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import resource
+import signal
 import stat
 import subprocess
 import sys
@@ -13,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from secret_init import logs
 from tests.conftest import (
     REPO,
     UnixUser,
+    app_command,
     assert_no_leak,
     base_env,
     free_port,
@@ -314,10 +315,6 @@ def test_files_only_start_does_not_import_hvac(scene: Scene, app_user: UnixUser)
     imported = {line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time:")}
     assert "secret_init.sink" in imported  # the measurement itself works
     assert not {m for m in imported if m.split(".")[0] in ("hvac", "requests", "urllib3")}
-    assert "asyncio.base_events" not in imported, "structlog's asyncio is deferred: nothing here uses it"
-    # Nothing on this path uses these; a stand-in (logs.DEFERRED) or care keeps them out.
-    for module in (*logs.DEFERRED, "hmac", "_hashlib", "secrets", "shutil"):
-        assert module not in imported, f"{module} is imported on the files-only path"
 
 
 def test_health_is_fast_and_imports_no_vault_or_logging(scene: Scene, app_user: UnixUser) -> None:
@@ -453,3 +450,74 @@ def test_version_and_console_log_format(scene: Scene, app_user: UnixUser) -> Non
     assert "config loaded" in result.stderr and "file written" in result.stderr
     quiet = run_cli("render", "--config", str(cfg), "--log-level", "error", env=scene.env())
     assert quiet.returncode == 0 and quiet.stderr == ""
+
+
+LIMITS_APP = """
+import json, os, resource
+with open(f"/proc/{os.getppid()}/limits") as f:
+    core = next(line for line in f if line.startswith("Max core file size"))
+print(json.dumps({"pid": os.getpid(), "core_limit": resource.getrlimit(resource.RLIMIT_CORE)[0],
+                  "supervisor_core_soft": core.split()[4]}))
+"""
+
+
+def test_a_supervised_app_gets_its_core_limit_back(scene: Scene, app_user: UnixUser, workdir: Path) -> None:
+    """As on the exec path, the app gets the limit it was started with; the supervisor keeps 0."""
+    cfg = scene.config(f'user = "{app_user.name}"', "supervise = true")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--",
+         *app_command(workdir, "limits", LIMITS_APP)],
+        env=scene.env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_core_limit_for_test,
+    )  # fmt: skip
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr
+    report = json.loads(stdout)
+    assert report["pid"] != proc.pid, "supervised: the app is a child, not an exec"
+    assert report["core_limit"] == CORE_LIMIT
+    assert report["supervisor_core_soft"] == "0"
+
+
+STOP_DURING_RESTART = """
+import json, signal, sys, threading, time
+from queue import SimpleQueue
+from secret_init.supervisor import Supervisor
+
+app = sys.argv[1:]  # the last argument is the app's readiness file
+ready = app[-1]
+sup = Supervisor(SimpleQueue())
+first = sup.start(app, {"PATH": "/usr/bin:/bin"}, None)
+for _ in range(500):  # the app's readiness file: its handlers are in place
+    try:
+        open(ready).close()
+        break
+    except OSError:
+        time.sleep(0.01)
+threading.Timer(0.3, sup._enqueue, (signal.SIGTERM, None)).start()  # as the handler would, mid-restart
+began = time.monotonic()
+restarted = sup.restart(app, {"PATH": "/usr/bin:/bin"}, None, signal.SIGUSR1, 5.0)
+print(json.dumps({"restarted": restarted, "seconds": time.monotonic() - began, "same_pid": sup.pid == first,
+                  "status": sup.exit_status}))
+"""
+
+STUBBORN_APP = """
+import signal, sys, time
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # ignores the configured stop_signal; dies of SIGTERM
+open(sys.argv[1], "w").close()
+time.sleep(60)
+"""
+
+
+def test_a_stop_requested_during_a_restart_is_acted_on_at_once(workdir: Path) -> None:
+    """SIGTERM mid-restart: forwarded at once, no new app started, no wait for stop_timeout (5 s)."""
+    ready = workdir / "ready"
+    app = app_command(workdir, "stubborn", STUBBORN_APP)
+    result = subprocess.run(
+        [sys.executable, "-c", STOP_DURING_RESTART, *app, str(ready)],
+        cwd=REPO, capture_output=True, text=True, check=False, env=base_env(PYTHONPATH=str(REPO)), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout.splitlines()[-1])  # after structlog's default output
+    assert report["restarted"] is False and report["same_pid"], "no new app once a stop is requested"
+    assert os.WTERMSIG(report["status"]) == signal.SIGTERM, "the forwarded SIGTERM ended the old app"
+    assert report["seconds"] < 2.5, "the stop did not wait out stop_timeout"

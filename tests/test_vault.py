@@ -3,17 +3,13 @@
 import json
 import secrets
 import stat
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from secret_init import app
 from tests.conftest import (
-    REPO,
     Bao,
     UnixUser,
     assert_no_leak,
@@ -129,31 +125,6 @@ source = "vault:kv1/app/{setup.key}#password"
     assert setup.bao.token_accessors() == accessors, "the AppRole token must be revoked after use"
     assert_no_leak(result.stdout + result.stderr, *setup.values(), setup.role_id)
     assert "vault login" in [e["event"] for e in log_events(result.stderr)]
-
-
-LOADED_AFTER_RENDER = """
-import sys
-from secret_init import cli
-code = cli.main(["render", "--config", sys.argv[1]])
-print(" ".join(sorted(name for name, module in sys.modules.items() if module is not None)))
-sys.exit(code)
-"""
-
-
-def test_plain_http_to_this_host_loads_no_openssl_and_no_charset_guesser(setup: Setup) -> None:
-    """Over http://127.0.0.1 nothing needs TLS or charset guessing: neither is loaded, and all works."""
-    cfg = setup.config(f'[[secret]]\nname = "stripe_key"\nsource = "vault:{setup.v2_path}#stripe_key"\n')
-    result = subprocess.run(
-        [sys.executable, "-c", LOADED_AFTER_RENDER, str(cfg)],
-        env=base_env(), cwd=REPO, capture_output=True, text=True, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    assert (setup.out / "stripe_key").read_text() == setup.v2["stripe_key"]
-    loaded = set(result.stdout.split())
-    assert {"hvac", "requests", "urllib3"} <= loaded  # the measurement itself works
-    for module in (*app.OPENSSL, "ssl", *app.CHARSET_GUESSERS):
-        assert module not in loaded, f"{module} is loaded for a plain-http Vault on this host"
-    assert "character detection" not in result.stderr, "requests' warning about the guessers is filtered"
 
 
 def test_token_auth_from_bao_env_and_token_file(setup: Setup) -> None:

@@ -2,14 +2,16 @@
 
 import os
 import stat
+from collections.abc import Sequence
 
 import structlog
 
 from secret_init import fsinfo
-from secret_init.config import Config, SecretSpec
-from secret_init.errors import DataError, PermissionRefusedError, SourceError
+from secret_init.config import SecretSpec
+from secret_init.errors import DataError, PermissionRefusedError, SecretInitError, SourceError
 from secret_init.model import Hidden, Material
 from secret_init.redaction import REDACTOR
+from secret_init.sources import Reading
 
 log = structlog.get_logger()
 
@@ -20,17 +22,27 @@ def source_path(spec: SecretSpec, swarm_dir: str) -> str:
     return spec.source.path
 
 
-def read_files(cfg: Config, specs: list[SecretSpec]) -> list[Material]:
-    return [_read_one(spec, cfg) for spec in specs]
+class FileSource:
+    def __init__(self, swarm_dir: str, max_size: int) -> None:
+        self.swarm_dir = swarm_dir
+        self.max_size = max_size
 
+    def read(self, specs: Sequence[SecretSpec]) -> Reading:
+        reading = Reading([], [], [])
+        for spec in specs:
+            try:
+                reading.materials.append(self._read_one(spec))
+            except SecretInitError as e:
+                reading.failures.append((spec, e))
+        return reading
 
-def _read_one(spec: SecretSpec, cfg: Config) -> Material:
-    path = source_path(spec, cfg.swarm_dir)
-    data = read_regular_file(path, cfg.output.max_secret_size, f"secret {spec.name!r} ({spec.source})")
-    REDACTOR.add(data)
-    log.info("source read", secret=spec.name, source=str(spec.source), bytes=len(data))
-    warn_if_on_disk(path, spec.name)
-    return Material(spec, Hidden(data))
+    def _read_one(self, spec: SecretSpec) -> Material:
+        path = source_path(spec, self.swarm_dir)
+        data = read_regular_file(path, self.max_size, f"secret {spec.name!r} ({spec.source})")
+        REDACTOR.add(data)
+        log.info("source read", secret=spec.name, source=str(spec.source), bytes=len(data))
+        warn_if_on_disk(path, spec.name)
+        return Material(spec, Hidden(data))
 
 
 def read_regular_file(path: str, max_size: int, what: str) -> bytes:

@@ -5,7 +5,7 @@ One read per path means one lease per path: a username file and a password file 
 """
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -14,6 +14,7 @@ from secret_init.config import SecretSpec
 from secret_init.errors import DataError, MissingFieldError, SecretInitError
 from secret_init.model import Hidden, Material
 from secret_init.redaction import REDACTOR
+from secret_init.sources import Reading
 
 if TYPE_CHECKING:
     from secret_init.vault import VaultClient, VaultSecret
@@ -21,57 +22,61 @@ if TYPE_CHECKING:
 log = structlog.get_logger()
 
 
-def group_by_path(specs: Sequence[SecretSpec]) -> dict[str, list[SecretSpec]]:
-    groups: dict[str, list[SecretSpec]] = {}
-    for spec in specs:
-        groups.setdefault(spec.source.path, []).append(spec)
-    return groups
+class VaultSource:
+    """Reads through a client that `connect` logs in, on the first read that needs one."""
 
+    def __init__(self, connect: "Callable[[], VaultClient]", max_size: int) -> None:
+        self.connect = connect
+        self.max_size = max_size
+        self.client: VaultClient | None = None
 
-def read_vault(client: "VaultClient", specs: Sequence[SecretSpec], max_size: int) -> list[Material]:
-    """Read each path once and render its secrets; on any failure, revoke the leases made here."""
-    materials: list[Material] = []
-    try:
-        for path, group in group_by_path(specs).items():
-            materials += _read_path(client, path, group, max_size)
-    except SecretInitError:
-        revoke_leases(client, materials)  # unusable or half a set: do not leave credentials alive
-        raise
-    return materials
+    def read(self, specs: Sequence[SecretSpec]) -> Reading:
+        reading = Reading([], [], [])
+        try:
+            if self.client is None:
+                self.client = self.connect()
+        except SecretInitError as e:
+            reading.failures.append((specs[0], e))
+            return reading
+        groups: dict[str, list[SecretSpec]] = {}
+        for spec in specs:
+            groups.setdefault(spec.source.path, []).append(spec)
+        for path, group in groups.items():
+            try:
+                secret = self.client.read(path, f"for {', '.join(s.name for s in group)}")
+            except SecretInitError as e:
+                reading.failures.append((group[0], e))
+                continue
+            if secret.lease is not None:
+                reading.lease_ids.append(secret.lease.lease_id)
+            try:
+                reading.materials.extend(self._render_group(secret, group))
+            except SecretInitError as e:
+                reading.failures.append((group[0], e))
+        return reading
 
-
-def revoke_leases(client: "VaultClient", materials: Sequence[Material]) -> None:
-    for lease_id in sorted({m.lease.lease_id for m in materials if m.lease}):
-        client.revoke_lease_quietly(lease_id)
-
-
-def _read_path(client: "VaultClient", path: str, group: list[SecretSpec], max_size: int) -> list[Material]:
-    secret = client.read(path, f"for {', '.join(s.name for s in group)}")
-    lease = secret.lease
-    log.info(
-        "vault read",
-        path=path,
-        fields=len(secret.fields),
-        lease_id=lease.lease_id if lease else None,
-        lease_duration=lease.duration if lease else None,
-        renewable=lease.renewable if lease else None,
-    )
-    for warning in secret.warnings:
-        log.warning("vault warning", path=path, warning=warning)
-    rendered = []
-    try:
+    def _render_group(self, secret: "VaultSecret", group: list[SecretSpec]) -> list[Material]:
+        """Every secret of one path, or none: half a set is no use."""
+        lease = secret.lease
+        log.info(
+            "vault read",
+            path=secret.path,
+            fields=len(secret.fields),
+            lease_id=lease.lease_id if lease else None,
+            lease_duration=lease.duration if lease else None,
+            renewable=lease.renewable if lease else None,
+        )
+        for warning in secret.warnings:
+            log.warning("vault warning", path=secret.path, warning=warning)
+        rendered = []
         for spec in group:
             value = render(spec, secret)
             REDACTOR.add(value)  # numbers and templates included, not only string fields
-            if len(value) > max_size:
+            if len(value) > self.max_size:
                 raise DataError(f"secret {spec.name!r} ({spec.source}): {len(value)} bytes is over max_secret_size")
             log.info("source read", secret=spec.name, source=str(spec.source), bytes=len(value))
             rendered.append(Material(spec, Hidden(value), lease))
-    except SecretInitError:
-        if lease is not None:
-            client.revoke_lease_quietly(lease.lease_id)
-        raise
-    return rendered
+        return rendered
 
 
 def render(spec: SecretSpec, secret: "VaultSecret") -> bytes:

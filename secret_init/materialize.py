@@ -1,0 +1,122 @@
+"""Materializing: who the app is, then read every source, then write every file.
+
+Shared by the one-shot flow (app.py), the resident loop (loop.py) and `check`.
+"""
+
+import os
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, NamedTuple
+
+import structlog
+
+from secret_init import privileges
+from secret_init.config import Config, SecretSpec
+from secret_init.errors import PermissionRefusedError
+from secret_init.model import Material
+from secret_init.privileges import AppUser
+from secret_init.sink import OutputFile, Owner, Sink, WriteResult
+from secret_init.sources import Reading, read_all
+from secret_init.sources.files import FileSource
+from secret_init.sources.vault import VaultSource
+
+if TYPE_CHECKING:
+    from secret_init.vault import VaultClient
+
+log = structlog.get_logger()
+
+
+class Materialized(NamedTuple):
+    """What materialize() made."""
+
+    user: AppUser
+    materials: list[Material]
+    written: list[WriteResult]
+    sink: Sink
+    owners: dict[str, Owner]
+    client: "VaultClient | None"  # kept only when the caller asked for it
+    owner_lock: int  # held open for as long as this process owns the dir
+
+    @property
+    def leased(self) -> bool:
+        return any(m.lease for m in self.materials)
+
+
+def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_client: bool = False) -> Materialized:
+    """Read every secret, then write them all; nothing is written if any read fails."""
+    user = app_user(cfg, for_app)
+    owners = {s.name: file_owner(s, user) for s in cfg.secrets}
+    sink = Sink(cfg.output.dir, user.gid, cfg.output.allow_non_tmpfs)
+    sink.check_filesystem()
+    sink.prepare()
+    owner_lock = sink.claim()  # before any lease exists: one output dir, one lease owner
+    files = FileSource(cfg.swarm_dir, cfg.output.max_secret_size)
+    vault = VaultSource(lambda: vault_login(cfg, environ), cfg.output.max_secret_size)
+    # Local files first: cheap, and a mistake there is reported even when Vault is down.
+    reading = read_all(cfg.secrets, [(("swarm", "file"), files), (("vault",), vault)])
+    try:
+        reading.raise_first()
+        written = sink.write(output_files(reading.materials, owners))
+    except BaseException:
+        discard(vault.client, reading)  # with a supplied token its leases would outlive us
+        raise
+    done = Materialized(user, reading.materials, written, sink, owners, vault.client, owner_lock)
+    if vault.client is not None and not keep_client:
+        _release_token(vault.client, done)
+        return done._replace(client=None)
+    return done
+
+
+def discard(client: "VaultClient | None", reading: Reading) -> None:
+    """Revoke what a reading made (its leases, and a token we logged in for)."""
+    if client is not None:
+        for lease_id in sorted(set(reading.lease_ids)):
+            client.revoke_lease_quietly(lease_id)
+        client.revoke_own_token()
+
+
+def vault_login(cfg: Config, environ: Mapping[str, str]) -> "VaultClient":
+    from secret_init.vault import VaultClient
+
+    client = VaultClient(cfg.vault, environ)
+    client.login()
+    return client
+
+
+def output_files(materials: list[Material], owners: Mapping[str, Owner]) -> list[OutputFile]:
+    return [OutputFile(m.spec.name, m.value, m.spec.mode, owners[m.spec.name]) for m in materials]
+
+
+def app_user(cfg: Config, for_app: bool) -> AppUser:
+    """Who the app runs as and who owns its files; refuses root unless allowed."""
+    if not privileges.is_root():
+        current = privileges.resolve(None)
+        if cfg.output.user is not None and privileges.resolve(cfg.output.user).uid != current.uid:
+            raise PermissionRefusedError(
+                f"running as uid {current.uid} without root: cannot become {cfg.output.user!r}; "
+                "unset [output] user or start secret-init as root"
+            )
+        return current
+    user = privileges.resolve(cfg.output.user)
+    if for_app and user.uid == 0 and not cfg.process.allow_root:
+        raise PermissionRefusedError(
+            "refusing to run the app as root: set [output] user, or [process] allow_root = true"
+        )
+    return user
+
+
+def file_owner(spec: SecretSpec, app: AppUser) -> Owner:
+    if spec.user is None:
+        return Owner(app.uid, app.gid)
+    user = privileges.resolve(spec.user)
+    if not privileges.is_root() and user.uid != os.geteuid():
+        raise PermissionRefusedError(f"secret {spec.name!r}: cannot give the file to {spec.user!r} without root")
+    return Owner(user.uid, user.gid)
+
+
+def _release_token(client: "VaultClient", done: Materialized) -> None:
+    leased = sorted({m.lease.lease_id for m in done.materials if m.lease})
+    if leased:
+        # The leases die with the token, so it must outlive this process.
+        log.warning("leased secrets are not renewed after render; they expire with their TTL", leases=leased)
+    else:
+        client.revoke_own_token()
