@@ -183,13 +183,13 @@ class Supervised:
         self.renewer = Renewer(
             self.client, self.events.put, self.cfg.process.rotate_before, self.cfg.vault.refresh_interval, self.clock
         )
-        self.renewer.look_up_token()
         leased = {m.spec.source.path: m.lease for m in self.done.materials if m.lease}
         for path, lease in leased.items():
-            self.renewer.track(path, lease)
+            self.renewer.track(path, lease)  # first: if the lookup fails, shutdown revokes them
         for path in self.cfg.vault_paths:
             if path not in leased:
                 self.renewer.watch_static(path)
+        self.renewer.look_up_token()
         if self.threaded:
             self.renewer.start()
 

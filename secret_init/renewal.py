@@ -227,14 +227,20 @@ def after_rotation_failed(lease: LeaseState, now: float, rng: random.Random) -> 
     return lease._replace(errors=errors, retry_at=now + _backoff(errors, rng))
 
 
-def capped_by_token(lease: LeaseState, token_deadline: float) -> LeaseState:
-    """A lease made before its token's limits were known: it dies with that token."""
+def capped_by_token(lease: LeaseState, token_deadline: float, configured: float | None) -> LeaseState:
+    """A lease tracked before its token's limits were known: it dies with that token.
+
+    An unprobed lease's probe moves up to its earliest possible rotation, as in unprobed_lease.
+    """
     deadline = min(lease.deadline, token_deadline)
-    return lease._replace(
+    capped = lease._replace(
         token_deadline=min(lease.token_deadline, token_deadline),
         deadline=deadline,
         expires_at=min(lease.expires_at, deadline),
     )
+    if capped.probed:
+        return capped
+    return capped._replace(next_renewal=min(capped.next_renewal, rotate_at(capped, configured)))
 
 
 # -- the token's pure schedule -----------------------------------------------------------
@@ -411,14 +417,15 @@ class Renewer(threading.Thread):
     # -- before the thread starts ---------------------------------------------------------
 
     def look_up_token(self) -> None:
-        """Learn the token's limits before the first lease is tracked.
+        """Learn the token's limits, and cap the leases tracked so far (all made with this token).
 
         If Vault does not answer now (the app is already running), the thread keeps
-        asking before it tends anything, and then caps the leases tracked meanwhile.
-        A refusal (a policy without lookup-self, say) will not pass: it ends the start.
+        asking before it tends anything. A refusal (a policy without lookup-self, say)
+        will not pass: it ends the start.
         """
         try:
             self._learn_token()
+            self._cap_leases_by_token()
         except SecretInitError as e:
             if e.exit_code != 69:
                 raise
@@ -565,7 +572,7 @@ class Renewer(threading.Thread):
     def _cap_leases_by_token(self) -> None:
         with self._lock:  # every lease so far was made with this, the first, token
             for path, lease in self._leases.items():
-                self._leases[path] = capped_by_token(lease, self.token.deadline)
+                self._leases[path] = capped_by_token(lease, self.token.deadline, self.configured_rotate_before)
 
     def _relogin(self, now: float) -> None:
         self.client.login()

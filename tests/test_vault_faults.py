@@ -1,9 +1,8 @@
 """Faults a real OpenBao cannot produce on demand, injected by a FAKE HTTP server on 127.0.0.1.
 
 Everything a real server can serve is tested against the real one (test_vault.py); this
-fake exists only to answer 504, to accept a request and never answer, so that the retry
-classification can be proved, or to redirect to https as a standby behind a local
-plain-http address might.
+fake exists only to answer 504, or to accept a request and never answer, so that the retry
+classification can be proved.
 """
 
 import time
@@ -67,13 +66,6 @@ def fake_silent() -> Iterator[FakeVault]:
     fake.close()
 
 
-@pytest.fixture
-def fake_https_redirect() -> Iterator[FakeVault]:
-    fake = FakeVault(307, "https://127.0.0.1:9")
-    yield fake
-    fake.close()
-
-
 def config(workdir: Path, out: Path, addr: str, auth: str) -> Path:
     (workdir / "role_id").write_text(random_secret("role"))
     (workdir / "secret_id").write_text(random_secret("sid"))
@@ -116,17 +108,3 @@ def test_a_read_is_repeated_after_a_read_timeout(fake_silent: FakeVault, tmpfs: 
     assert result.returncode == 69, result.stderr
     assert len(fake_silent.requests) >= 2
     assert all(r == "GET /v1/secret/data/app/x" for r in fake_silent.requests)
-
-
-def test_a_redirect_to_https_from_plain_http_here_is_a_clear_error(
-    fake_https_redirect: FakeVault, tmpfs: Path, workdir: Path
-) -> None:
-    """OpenSSL is not loaded for http://127.0.0.1: a redirect to https says so, in one line (69)."""
-    token = random_secret("tok")
-    result = run_cli("render", "--config", str(config(workdir, tmpfs / "out", fake_https_redirect.addr, "token")),
-                     env=base_env(VAULT_TOKEN=token))  # fmt: skip
-    assert result.returncode == 69, result.stderr
-    error = next(e for e in log_events(result.stderr) if e["level"] == "error")["event"]
-    assert "needs TLS" in error and "set addr to the https:// address" in error and "\n" not in error
-    assert fake_https_redirect.requests == ["GET /v1/secret/data/app/x"], "not retried"
-    assert token not in result.stderr
