@@ -33,6 +33,7 @@ from tests.conftest import (
     stop_http,
     write_config,
 )
+from tests.test_startup import IMPORTS_AFTER_THE_APP_STARTS
 
 pytestmark = needs_root
 
@@ -88,13 +89,14 @@ def db_app(workdir: Path) -> list[str]:
 class Run:
     """secret-init supervising the probing app; collects the app's lines and the logs as they come."""
 
-    def __init__(self, cfg: Path, app: list[str] | None, port: int = 0) -> None:
-        """With `app` None this is `secret-init sidecar`."""
+    def __init__(self, cfg: Path, app: list[str] | None, port: int = 0, import_report: Path | None = None) -> None:
+        """With `app` None this is `secret-init sidecar`; `import_report` records imports after the app starts."""
         self.cfg = cfg
         command = ["run", "--config", str(cfg), "--", *app, str(port)] if app else ["sidecar", "--config", str(cfg)]
+        launcher = ["-c", IMPORTS_AFTER_THE_APP_STARTS, str(import_report)] if import_report else ["-m", "secret_init"]
         # Unbuffered binary pipes: select() then sees every line, none hides in a buffer.
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "secret_init", *command],
+            [sys.executable, *launcher, *command],
             env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
         )  # fmt: skip
         self.lines: list[dict[str, Any]] = []  # the app's
@@ -175,14 +177,19 @@ env = "DB_PASSWORD_FILE"
 def test_rotation_restarts_ahead_of_expiry_with_no_failed_probe(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
 ) -> None:
-    """default_ttl 3s, max_ttl 9s: two rotations, each restart >= 3s (rotate_before) ahead of expiry."""
+    """default_ttl 3s, max_ttl 9s: two rotations, each restart >= 3s (rotate_before) ahead of expiry.
+
+    Through all of it (renewals, probes, rotations, restarts, revokes, shutdown) the supervisor,
+    root, imports no module once the app has started.
+    """
     creds = database.role("3s", "9s")
     role_name = creds.rsplit("/", 1)[1]
     assert len(role_name) == 8, "usernames carry the first 8 characters of the role name"
     cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name)
     assert run_cli("health", "--config", str(cfg)).returncode == 1, "unhealthy before any file exists"
 
-    run = Run(cfg, db_app, database.pg.port)
+    imports = workdir / "imports.json"
+    run = Run(cfg, db_app, database.pg.port, import_report=imports)
     try:
         run.until(starts(1), 20)
         during = run_cli("health", "--config", str(cfg))
@@ -195,6 +202,8 @@ def test_rotation_restarts_ahead_of_expiry_with_no_failed_probe(
     finally:
         code = run.finish()
     assert code == 0, run.stderr
+    late = json.loads(imports.read_text())
+    assert late["started"] and late["late"] == [], f"imported as root after the app started: {late['late']}"
 
     probes = run.events("probe")
     assert len(probes) > 30
