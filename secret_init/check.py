@@ -8,8 +8,7 @@ is revoked before it returns.
 import os
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 from secret_init import fsinfo, privileges
 from secret_init.config import Config, SecretSpec
@@ -19,8 +18,7 @@ from secret_init.redaction import REDACTOR
 from secret_init.sources.files import source_path
 
 
-@dataclass(frozen=True)
-class Row:
+class Row(NamedTuple):
     name: str
     source: str
     file: str
@@ -79,7 +77,7 @@ def _check_output_dir(cfg: Config) -> Row:
 
 
 def _check_vault(cfg: Config, environ: Mapping[str, str]) -> tuple[Row | None, dict[str, list[str]]]:
-    paths = sorted({s.source.path for s in cfg.secrets if s.source.kind == "vault"})
+    paths = cfg.vault_paths
     if not paths:
         return None, {}
     from secret_init.vault import VaultClient
