@@ -223,6 +223,28 @@ def test_bad_sources_fail_without_writing_anything(
     assert secret_files(scene.out) == []
 
 
+def test_every_failing_source_is_reported_and_the_first_sets_the_code(
+    scene: Scene, app_user: UnixUser, bao_unreachable_addr: str
+) -> None:
+    """A missing swarm file, an oversized file and an unreachable Vault: three errors in one run, exit 66."""
+    (scene.swarm / "db_password").unlink()
+    scene.api_file.write_bytes(b"x" * 2_000_000)
+    vault = '[[secret]]\nname = "kv"\nsource = "vault:secret/data/app#k"\n'
+    cfg = scene.config(f'user = "{app_user.name}"', secrets_extra=vault)
+    cfg.write_text(cfg.read_text() + f'[vault]\naddr = "{bao_unreachable_addr}"\nstartup_timeout = "1s"\n')
+    result = run_cli("render", "--config", str(cfg), env=scene.env(VAULT_TOKEN=random_secret("tok")))
+    assert result.returncode == 66, result.stderr
+    errors = [e for e in log_events(result.stderr) if e["level"] == "error"]
+    assert sorted(e["exit_code"] for e in errors) == [65, 66, 69], errors
+    assert errors[-1]["exit_code"] == 66 and "db_password" in errors[-1]["event"], "the first in config order"
+    assert secret_files(scene.out) == []
+
+
+@pytest.fixture
+def bao_unreachable_addr() -> str:
+    return f"http://127.0.0.1:{free_port()}"
+
+
 def test_non_tmpfs_output_is_refused(scene: Scene, disk_dir: Path, app_user: UnixUser) -> None:
     scene.out = disk_dir / "out"
     result = run_cli("render", "--config", str(scene.config(f'user = "{app_user.name}"')), env=scene.env())
