@@ -1,13 +1,16 @@
 """The configuration: immutable records (NamedTuples), loaded from TOML and validated in full.
 
-Pure: `load_text` takes the text and the environment, touches nothing else, and raises
-ConfigError with a one-line message naming the section and key at fault.
+Each section is declared once, as its record's fields: `Annotated[type, _Type, doc(, shown)]`
+says how the key is read and what docs/configuration.md says of it (`docs_table`), and the
+field's default is the key's default. A field without a `_Type` is not a key: the checks after
+the declared part set it. Pure: `load_text` takes the text and the environment, touches nothing
+else, and raises ConfigError with a one-line message naming the section and key at fault.
 """
 
 import os
 import re
-from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Annotated, NamedTuple, NoReturn, TypeVar
 
 from secret_init.errors import ConfigError
 
@@ -38,6 +41,7 @@ _UID_GID = r"(\d+):(\d+)"
 _DURATION_PART = r"(\d+(?:\.\d+)?)(ms|s|m|h|d)"
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _VAULT_PATH_CHARS = r"[A-Za-z0-9_.\-/@+=:,~]+"
+_VAULT_ADDR = r"https?://[^\s/]+/?"
 SOURCE_KINDS = ("swarm", "file", "vault")
 
 
@@ -53,312 +57,6 @@ class SourceRef(NamedTuple):
     def __str__(self) -> str:
         suffix = f"#{self.field}" if self.field is not None else ""
         return f"{self.kind}:{self.path}{suffix}"
-
-
-class SecretSpec(NamedTuple):
-    name: str
-    source: SourceRef
-    env: str | None
-    template: "Template | None"
-    mode: int
-    user: str | None  # owner of this file; None means output.user
-
-
-class OutputConfig(NamedTuple):
-    dir: str = DEFAULT_OUTPUT_DIR
-    user: str | None = None  # None: the user secret-init runs as
-    mode: int = 0o400
-    allow_non_tmpfs: bool = False
-    max_secret_size: int = DEFAULT_MAX_SECRET_SIZE
-
-
-class VaultConfig(NamedTuple):
-    addr: str | None = None
-    auth: str = "token"
-    token_file: str | None = None
-    role_id_file: str | None = None
-    secret_id_file: str | None = None
-    approle_mount: str = "approle"
-    ca_cert: str | None = None
-    namespace: str | None = None
-    startup_timeout: float = 30.0
-    request_timeout: float = 10.0
-    refresh_interval: float = 300.0
-    revoke_on_exit: bool = True
-
-
-class ProcessConfig(NamedTuple):
-    scrub_env: tuple[str, ...] = ()
-    allow_root: bool = False
-    supervise: bool = False  # stay as PID 1 and supervise the app even without leases
-    stop_signal: int = 15  # SIGTERM
-    stop_timeout: float = 10.0
-    rotate_before: float | None = None  # None: 1/3 of each lease's whole lifetime
-    on_rotate: str = "restart"  # "restart", "signal", or "none"
-    rotate_signal: int = 1  # for on_rotate = "signal:NAME"; SIGHUP
-    on_expiry: str = "stop"  # "stop" (exit 75) or "keep"
-
-
-class SidecarConfig(NamedTuple):
-    notify_pidfile: str | None = None  # a file holding the app's pid, in a shared PID namespace
-    notify_signal: int = 1  # SIGHUP
-
-
-class Config(NamedTuple):
-    path: str
-    output: OutputConfig
-    vault: VaultConfig
-    process: ProcessConfig
-    secrets: tuple[SecretSpec, ...]
-    swarm_dir: str = DEFAULT_SWARM_DIR
-    sidecar: SidecarConfig = SidecarConfig()
-
-    @property
-    def uses_vault(self) -> bool:
-        return any(s.source.kind == "vault" for s in self.secrets)
-
-    def file_path(self, spec: SecretSpec) -> str:
-        return f"{self.output.dir.rstrip('/')}/{spec.name}"
-
-
-def is_loopback_url(addr: str) -> bool:
-    """localhost, or a loopback IP (not a name that merely starts with "127.")."""
-    import ipaddress
-    from urllib.parse import urlsplit
-
-    host = urlsplit(addr).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def is_plain_http_loopback(addr: str) -> bool:
-    """http:// to this host: no TLS, and nothing crosses the network."""
-    return addr.startswith("http://") and is_loopback_url(addr)
-
-
-def config_path(cli_value: str | None, environ: Mapping[str, str]) -> str:
-    """--config wins, then SECRET_INIT_CONFIG, then the default path."""
-    return cli_value or environ.get("SECRET_INIT_CONFIG") or DEFAULT_CONFIG_PATH
-
-
-def load(path: str, environ: Mapping[str, str]) -> Config:
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_SIZE + 1)
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
-    if len(raw) > MAX_CONFIG_SIZE:
-        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_SIZE} bytes")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8") from None
-    return load_text(text, path, environ)
-
-
-def load_text(text: str, path: str, environ: Mapping[str, str]) -> Config:
-    import tomllib
-
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config {path}: not valid TOML: {e}") from None
-    try:
-        return _parse(data, path, environ)
-    except ConfigError as e:
-        raise ConfigError(f"config {path}: {e}") from None
-
-
-def _parse(data: dict[str, Any], path: str, environ: Mapping[str, str]) -> Config:
-    root = _Table(data, "top level")
-    output = _parse_output(root.table("output"))
-    vault = _parse_vault(root.table("vault"), environ)
-    process = _parse_process(root.table("process"))
-    sidecar = _parse_sidecar(root.table("sidecar"))
-    secret_tables = root.table_list("secret")
-    root.finish()
-    secrets = tuple(_parse_secret(t, output) for t in secret_tables)
-    _check_unique(secrets)
-    swarm_dir = environ.get("SECRET_INIT_SWARM_DIR") or DEFAULT_SWARM_DIR
-    return Config(path, output, vault, process, secrets, swarm_dir, sidecar)
-
-
-def _parse_sidecar(t: "_Table") -> SidecarConfig:
-    d = SidecarConfig()
-    notify_signal = d.notify_signal
-    name = t.string("notify_signal")
-    if name is not None:
-        notify_signal = _checked(t, "notify_signal", lambda: parse_signal(name))
-    out = SidecarConfig(notify_pidfile=t.abs_path("notify_pidfile"), notify_signal=notify_signal)
-    t.finish()
-    return out
-
-
-def _parse_output(t: "_Table") -> OutputConfig:
-    d = OutputConfig()
-    out_dir = t.string("dir") or d.dir
-    if not out_dir.startswith("/"):
-        t.fail("dir", "must be an absolute path")
-    if os.path.normpath(out_dir) in SHARED_DIRS:
-        t.fail("dir", f"{out_dir} is a shared system directory; use a dedicated one such as {DEFAULT_OUTPUT_DIR}")
-    user = t.string("user")
-    if user is not None:
-        t.check(validate_user_spec(user), "user")
-    out = OutputConfig(
-        dir=out_dir,
-        user=user,
-        mode=t.mode("mode", d.mode),
-        allow_non_tmpfs=t.boolean("allow_non_tmpfs", d.allow_non_tmpfs),
-        max_secret_size=t.positive_int("max_secret_size", d.max_secret_size),
-    )
-    t.finish()
-    return out
-
-
-def _parse_vault(t: "_Table", environ: Mapping[str, str]) -> VaultConfig:
-    d = VaultConfig()
-    auth = t.string("auth") or d.auth
-    if auth not in ("token", "approle"):
-        t.fail("auth", f'must be "token" or "approle", not {auth!r}')
-    addr = t.string("addr") or environ.get("VAULT_ADDR") or environ.get("BAO_ADDR")
-    if addr is not None and not re.fullmatch(r"https?://[^\s/]+/?", addr):
-        t.fail("addr", f"must look like http(s)://HOST:PORT, not {addr!r}")
-    out = VaultConfig(
-        addr=addr.rstrip("/") if addr else None,
-        auth=auth,
-        token_file=t.abs_path("token_file"),
-        role_id_file=t.abs_path("role_id_file"),
-        secret_id_file=t.abs_path("secret_id_file"),
-        approle_mount=(t.string("approle_mount") or d.approle_mount).strip("/"),
-        ca_cert=t.abs_path("ca_cert") or environ.get("VAULT_CACERT") or environ.get("BAO_CACERT"),
-        namespace=_explicit_or_env(t.string("namespace"), environ.get("VAULT_NAMESPACE")),
-        startup_timeout=t.duration("startup_timeout", d.startup_timeout),
-        request_timeout=t.duration("request_timeout", d.request_timeout),
-        refresh_interval=t.duration("refresh_interval", d.refresh_interval),
-        revoke_on_exit=t.boolean("revoke_on_exit", d.revoke_on_exit),
-    )
-    if out.refresh_interval < 1:
-        t.fail("refresh_interval", "must be at least 1s")
-    if auth == "approle" and out.role_id_file is None:
-        t.fail("role_id_file", 'is required when auth = "approle"')
-    if out.request_timeout <= 0:
-        t.fail("request_timeout", "must be more than zero")
-    t.finish()
-    return out
-
-
-def _explicit_or_env(value: str | None, env_value: str | None) -> str | None:
-    """A key set in the file wins, even when empty; otherwise the environment's value."""
-    chosen = value if value is not None else env_value
-    return chosen or None
-
-
-def _parse_process(t: "_Table") -> ProcessConfig:
-    scrub = t.string_list("scrub_env")
-    for name in scrub:
-        if not re.fullmatch(_ENV_NAME, name.removesuffix("*")):
-            t.fail("scrub_env", f"{name!r} is not a variable name (or PREFIX*)")
-    d = ProcessConfig()
-    stop_signal = d.stop_signal
-    signal_name = t.string("stop_signal")
-    if signal_name is not None:
-        stop_signal = _checked(t, "stop_signal", lambda: parse_signal(signal_name))
-    on_rotate, rotate_signal = d.on_rotate, d.rotate_signal
-    on_rotate_text = t.string("on_rotate")
-    if on_rotate_text is not None:
-        on_rotate = on_rotate_text
-        if on_rotate_text.startswith("signal:"):
-            on_rotate = "signal"
-            rotate_signal = _checked(t, "on_rotate", lambda: parse_signal(on_rotate_text.removeprefix("signal:")))
-        elif on_rotate_text not in ("restart", "none"):
-            t.fail("on_rotate", f'must be "restart", "signal:NAME" or "none", not {on_rotate_text!r}')
-    on_expiry = t.string("on_expiry") or d.on_expiry
-    if on_expiry not in ("stop", "keep"):
-        t.fail("on_expiry", f'must be "stop" or "keep", not {on_expiry!r}')
-    rotate_before = None
-    if t.data.get("rotate_before") is not None:
-        rotate_before = t.duration("rotate_before", 0.0)
-        if rotate_before <= 0:
-            t.fail("rotate_before", "must be more than zero")
-    out = ProcessConfig(
-        scrub_env=tuple(scrub),
-        allow_root=t.boolean("allow_root", d.allow_root),
-        supervise=t.boolean("supervise", d.supervise),
-        stop_signal=stop_signal,
-        stop_timeout=t.duration("stop_timeout", d.stop_timeout),
-        rotate_before=rotate_before,
-        on_rotate=on_rotate,
-        rotate_signal=rotate_signal,
-        on_expiry=on_expiry,
-    )
-    t.finish()
-    return out
-
-
-def parse_signal(name: str) -> int:
-    """A signal by name, with or without SIG: "SIGHUP", "HUP"."""
-    import signal
-
-    full = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
-    number = getattr(signal.Signals, full, None) if full.isidentifier() else None
-    if number is None or full in ("SIGKILL", "SIGSTOP", "SIGCHLD"):
-        raise ConfigError(f"{name!r} is not a signal that can be sent to stop or reload an app")
-    return int(number)
-
-
-def _parse_secret(t: "_Table", output: OutputConfig) -> SecretSpec:
-    name = t.string("name")
-    if name is None:
-        t.fail("name", "is required")
-    t.where = f"[[secret]] {name!r}"
-    t.check(validate_name(name), "name")
-    source_text = t.string("source")
-    if source_text is None:
-        t.fail("source", "is required")
-    source = _checked(t, "source", lambda: parse_reference(source_text))
-    env = t.string("env")
-    if env is not None:
-        t.check(validate_env_name(env), "env")
-    template_text = t.string("template")
-    template = None
-    if template_text is not None:
-        from secret_init.template import parse_template
-
-        template = _checked(t, "template", lambda: parse_template(template_text))
-        if source.kind != "vault" or source.field is not None:
-            t.fail("template", "needs a vault: source without #field (the template picks the fields)")
-    user = t.string("user")
-    if user is not None:
-        t.check(validate_user_spec(user), "user")
-    spec = SecretSpec(name, source, env, template, t.mode("mode", output.mode), user)
-    t.finish()
-    return spec
-
-
-def _checked(t: "_Table", key: str, parse: Any) -> Any:
-    try:
-        return parse()
-    except ConfigError as e:
-        t.fail(key, str(e))
-
-
-def _check_unique(secrets: tuple[SecretSpec, ...]) -> None:
-    names: set[str] = set()
-    envs: set[str] = set()
-    for s in secrets:
-        if s.name in names:
-            raise ConfigError(f"[[secret]] {s.name!r}: name is used twice")
-        names.add(s.name)
-        if s.env is not None:
-            if s.env in envs:
-                raise ConfigError(f"[[secret]] {s.name!r}: env {s.env} is used twice")
-            envs.add(s.env)
 
 
 # Validators return None when the value is fine, or the reason it is not.
@@ -401,16 +99,12 @@ def parse_reference(text: str) -> SourceRef:
         raise ConfigError(f"{text!r} must start with swarm:, file: or vault:")
     if kind == "swarm":
         reason = validate_name(rest)
-        if reason:
-            raise ConfigError(f"swarm secret name {reason}")
-        return SourceRef("swarm", rest)
+        return _reject(f"swarm secret name {reason}") if reason else SourceRef("swarm", rest)
     if kind == "file":
-        if not rest.startswith("/") or "\x00" in rest:
-            raise ConfigError("file: needs an absolute path")
-        return SourceRef("file", rest)
+        bad = not rest.startswith("/") or "\x00" in rest
+        return _reject("file: needs an absolute path") if bad else SourceRef("file", rest)
     path, hash_sep, field = rest.partition("#")
-    reason = _vault_path_problem(path)
-    if reason:
+    if reason := _vault_path_problem(path):
         raise ConfigError(f"vault path {reason}")
     if hash_sep and (field == "" or "#" in field):
         raise ConfigError("vault field after '#' must be one non-empty name")
@@ -429,14 +123,23 @@ def _vault_path_problem(path: str) -> str | None:
     return None
 
 
+def parse_signal(name: str) -> int:
+    """A signal by name, with or without SIG: "SIGHUP", "HUP"."""
+    import signal
+
+    full = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
+    number = getattr(signal.Signals, full, None) if full.isidentifier() else None
+    if number is None or full in ("SIGKILL", "SIGSTOP", "SIGCHLD"):
+        raise ConfigError(f"{name!r} is not a signal that can be sent to stop or reload an app")
+    return int(number)
+
+
 def parse_duration(value: object) -> float:
     """`30s`, `5m`, `1h30m`, `250ms`, or a number of seconds."""
-    if isinstance(value, bool):
-        raise ConfigError('expected a duration like "30s"')
-    if isinstance(value, int | float):
+    text = value.strip() if isinstance(value, str) else ""
+    if isinstance(value, int | float) and not isinstance(value, bool):
         seconds = float(value)
-    elif isinstance(value, str) and value.strip():
-        text = value.strip()
+    elif text:
         pos, seconds = 0, 0.0
         for m in re.finditer(_DURATION_PART, text):
             if m.start() != pos:
@@ -467,88 +170,350 @@ def parse_mode(value: object) -> int:
     return mode
 
 
-class _Table:
-    """One TOML table being read: typed getters, and an error for every unknown key."""
+# The types of keys. A parser returns the value, None for "the default" (an empty string, for
+# some keys), or raises ConfigError with the reason; the loader adds the section and key.
 
-    def __init__(self, data: object, where: str) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where} must be a table")
-        self.data: dict[str, Any] = data
-        self.where = where
-        self.used: set[str] = set()
 
-    def fail(self, key: str, reason: str) -> NoReturn:
-        raise ConfigError(f"{self.where}: {key} {reason}")
+def _reject(reason: str) -> NoReturn:
+    raise ConfigError(reason)
 
-    def check(self, reason: str | None, key: str) -> None:
-        if reason is not None:
-            self.fail(key, reason)
 
-    def _get(self, key: str) -> Any:
-        self.used.add(key)
-        return self.data.get(key)
+def _show(value: object) -> str:
+    if isinstance(value, bool | tuple):
+        return f"`{str(value).lower() if isinstance(value, bool) else list(value)}`"
+    return f'`"{value}"`' if isinstance(value, str) else f"`{value}`"
 
-    def string(self, key: str) -> str | None:
-        value = self._get(key)
-        if value is not None and not isinstance(value, str):
-            self.fail(key, "must be a string")
-        return str(value) if value is not None else None
 
-    def abs_path(self, key: str) -> str | None:
-        value = self.string(key)
-        if value is not None and not value.startswith("/"):
-            self.fail(key, "must be an absolute path")
-        return value or None
+class _Type:  # a plain class: a NamedTuple costs ~0.04 ms more to define
+    __slots__ = ("label", "parse", "show")  # the label and show (a default) are for the docs
 
-    def boolean(self, key: str, default: bool) -> bool:
-        value = self._get(key)
-        if value is None:
-            return default
-        if not isinstance(value, bool):
-            self.fail(key, "must be true or false")
-        return bool(value)
+    def __init__(self, label: str, parse: Callable[[object], object], show: Callable[[object], str] = _show) -> None:
+        self.label, self.parse, self.show = label, parse, show
 
-    def positive_int(self, key: str, default: int) -> int:
-        value = self._get(key)
-        if value is None:
-            return default
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            self.fail(key, "must be a positive integer")
-        return int(value)
 
-    def string_list(self, key: str) -> list[str]:
-        value = self._get(key)
-        if value is None:
-            return []
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.fail(key, "must be a list of strings")
-        return list(value)
+def _str(value: object) -> str:
+    return value if isinstance(value, str) else _reject("must be a string")
 
-    def duration(self, key: str, default: float) -> float:
-        value = self._get(key)
-        if value is None:
-            return default
-        return float(_checked(self, key, lambda: parse_duration(value)))
 
-    def mode(self, key: str, default: int) -> int:
-        value = self._get(key)
-        if value is None:
-            return default
-        return int(_checked(self, key, lambda: parse_mode(value)))
+def _valid(check: Callable[[str], str | None], value: object) -> str:
+    """A string in which `check` (a validate_* function) finds no fault."""
+    reason = check(_str(value))
+    return _str(value) if reason is None else _reject(reason)
 
-    def table(self, key: str) -> "_Table":
-        value = self._get(key)
-        return _Table({} if value is None else value, f"[{key}]")
 
-    def table_list(self, key: str) -> list["_Table"]:
-        value = self._get(key)
-        if value is None:
-            return []
-        if not isinstance(value, list):
-            self.fail(key, "must be written as [[secret]] tables")
-        return [_Table(item, f"[[{key}]] #{i + 1}") for i, item in enumerate(value)]
+def _url(value: object) -> str | None:
+    if _str(value) and not re.fullmatch(_VAULT_ADDR, _str(value)):
+        _reject(f"must look like http(s)://HOST:PORT, not {value!r}")
+    return _str(value) or None
 
-    def finish(self) -> None:
-        unknown = sorted(set(self.data) - self.used)
-        if unknown:
-            raise ConfigError(f"{self.where}: unknown key(s) {', '.join(unknown)}")
+
+def _env_patterns(value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        _reject("must be a list of strings")
+    bad = [name for name in value if not re.fullmatch(_ENV_NAME, name.removesuffix("*"))]
+    return _reject(f"{bad[0]!r} is not a variable name (or PREFIX*)") if bad else tuple(value)
+
+
+def _choice(a: str, b: str) -> _Type:
+    def parse(value: object) -> str | None:
+        if _str(value) and value not in (a, b):
+            _reject(f'must be "{a}" or "{b}", not {value!r}')
+        return _str(value) or None
+
+    return _Type(f'`"{a}"` or `"{b}"`', parse)
+
+
+def _template(value: object) -> "Template":
+    from secret_init.template import parse_template
+
+    return parse_template(_str(value))
+
+
+def _show_duration(seconds: object) -> str:
+    minutes = seconds / 60 if isinstance(seconds, float) and seconds % 60 == 0 else None
+    return f'`"{minutes:g}m"`' if minutes else f'`"{seconds:g}s"`'
+
+
+def _show_signal(number: object) -> str:
+    import signal
+
+    return f'`"{next(s.name for s in signal.Signals if s == number)}"`'
+
+
+_TEXT = _Type("string", lambda v: _str(v) or None)
+_STRING = _Type("string", _str)
+_PATH = _Type("absolute path", lambda v: _valid(lambda p: None if p.startswith("/") else "must be an absolute path", v))
+_DIR = _Type("absolute path", lambda v: _PATH.parse(v) if _str(v) else None)
+_URL = _Type("URL", _url)
+_BOOL = _Type("boolean", lambda v: v if isinstance(v, bool) else _reject("must be true or false"))
+_COUNT = _Type("positive integer", lambda v: v if type(v) is int and v > 0 else _reject("must be a positive integer"))
+_DURATION = _Type("duration", parse_duration, _show_duration)
+_MODE = _Type("mode", parse_mode, lambda mode: f'`"{mode:04o}"`')
+_SIGNAL = _Type("signal name", lambda v: parse_signal(_str(v)), _show_signal)
+_USER = _Type('user name or `"uid:gid"`', lambda v: _valid(validate_user_spec, v))
+_NAMES = _Type("list of names", _env_patterns)
+_ON_ROTATE = _Type('`"restart"`, `"signal:NAME"` or `"none"`', _str)
+_NAME = _Type("file name", lambda v: _valid(validate_name, v))
+_SOURCE = _Type("source", lambda v: parse_reference(_str(v)))
+_ENV = _Type("variable name", lambda v: _valid(validate_env_name, v))
+_TEMPLATE = _Type("template", _template)
+
+
+class SecretSpec(NamedTuple):
+    name: Annotated[str, _NAME, "The file's name in `output.dir`; unique."]
+    source: Annotated[SourceRef, _SOURCE, "Where the value comes from; see [Sources](#sources)."]
+    env: Annotated[str | None, _ENV, "A variable the app gets, set to the file's path; unique."] = None
+    template: Annotated["Template | None", _TEMPLATE, "The file's content, built from the fields."] = None
+    mode: Annotated[int, _MODE, 'This file\'s mode, e.g. `"0440"`.', "`output.mode`"] = 0o400
+    user: Annotated[str | None, _USER, "This file's owner.", "`output.user`"] = None  # None means output.user
+
+
+class OutputConfig(NamedTuple):
+    dir: Annotated[str, _DIR, "A directory for secret-init alone, created if missing."] = DEFAULT_OUTPUT_DIR
+    user: Annotated[str | None, _USER, "Owns the files, and runs the app.", "the user secret-init runs as"] = None
+    mode: Annotated[int, _MODE, "The mode of every file."] = 0o400
+    allow_non_tmpfs: Annotated[bool, _BOOL, "Allow a `dir` that is not on tmpfs or ramfs."] = False
+    max_secret_size: Annotated[int, _COUNT, "The largest secret in bytes (else exit 65)."] = DEFAULT_MAX_SECRET_SIZE
+
+
+class VaultConfig(NamedTuple):
+    addr: Annotated[str | None, _URL, "Vault's or OpenBao's URL.", "`$VAULT_ADDR`, then `$BAO_ADDR`"] = None
+    auth: Annotated[str, _choice("token", "approle"), "How secret-init logs in."] = "token"
+    token_file: Annotated[str | None, _PATH, 'For `auth = "token"`: a file holding the token.'] = None
+    role_id_file: Annotated[str | None, _PATH, 'For `auth = "approle"`, required: a file with the role_id.'] = None
+    secret_id_file: Annotated[str | None, _PATH, 'For `auth = "approle"`: a file with the secret_id.'] = None
+    approle_mount: Annotated[str, _TEXT, "Where the AppRole auth method is mounted."] = "approle"
+    ca_cert: Annotated[str | None, _PATH, "A PEM CA bundle for Vault.", "`$VAULT_CACERT`, then `$BAO_CACERT`"] = None
+    namespace: Annotated[str | None, _STRING, "A Vault namespace; empty means none.", "`$VAULT_NAMESPACE`"] = None
+    startup_timeout: Annotated[float, _DURATION, "How long to retry while Vault is unavailable, then exit 69."] = 30.0
+    request_timeout: Annotated[float, _DURATION, "The timeout of one HTTP request."] = 10.0
+    refresh_interval: Annotated[float, _DURATION, "When supervising: how often to read unleased secrets again."] = 300.0
+    revoke_on_exit: Annotated[bool, _BOOL, "When supervising: on exit, revoke the leases it created."] = True
+
+
+class ProcessConfig(NamedTuple):
+    scrub_env: Annotated[tuple[str, ...], _NAMES, "More variables to remove from the app's environment."] = ()
+    allow_root: Annotated[bool, _BOOL, "Let `run` exec the app as uid 0."] = False
+    supervise: Annotated[bool, _BOOL, "Supervise the app as PID 1 even when no secret has a lease."] = False
+    stop_signal: Annotated[int, _SIGNAL, "The signal that stops the app."] = 15  # SIGTERM
+    stop_timeout: Annotated[float, _DURATION, "How long to wait after `stop_signal` before SIGKILL."] = 10.0
+    rotate_before: Annotated[float | None, _DURATION, "Rotate a lease with this much left.", "1/3 of its life"] = None
+    on_rotate: Annotated[str, _ON_ROTATE, "What happens to the app when its files change."] = "restart"  # or "signal"
+    rotate_signal: int = 1  # not a key: on_rotate = "signal:NAME" sets it; SIGHUP
+    on_expiry: Annotated[str, _choice("stop", "keep"), "What happens when a lease expires unrotated."] = "stop"
+
+
+class SidecarConfig(NamedTuple):
+    notify_pidfile: Annotated[str | None, _PATH, "A file with the app's pid, to signal after files change."] = None
+    notify_signal: Annotated[int, _SIGNAL, "The signal it sends."] = 1  # SIGHUP
+
+
+class Config(NamedTuple):
+    path: str
+    output: OutputConfig
+    vault: VaultConfig
+    process: ProcessConfig
+    secrets: tuple[SecretSpec, ...]
+    swarm_dir: str = DEFAULT_SWARM_DIR
+    sidecar: SidecarConfig = SidecarConfig()
+    notes: tuple[str, ...] = ()  # for a debug log line each; they hold no secret
+
+    @property
+    def uses_vault(self) -> bool:
+        return any(s.source.kind == "vault" for s in self.secrets)
+
+    @property
+    def vault_specs(self) -> tuple[SecretSpec, ...]:
+        return tuple(s for s in self.secrets if s.source.kind == "vault")
+
+    @property
+    def vault_paths(self) -> list[str]:
+        """Each Vault path once, sorted: one read serves every secret from it."""
+        return sorted({s.source.path for s in self.vault_specs})
+
+    @property
+    def file_specs(self) -> tuple[SecretSpec, ...]:
+        return tuple(s for s in self.secrets if s.source.kind != "vault")
+
+    def file_path(self, spec: SecretSpec) -> str:
+        return f"{self.output.dir.rstrip('/')}/{spec.name}"
+
+
+_SECTIONS: dict[str, type[NamedTuple]] = {
+    "output": OutputConfig, "vault": VaultConfig, "process": ProcessConfig, "sidecar": SidecarConfig,
+    "secret": SecretSpec,
+}  # fmt: skip
+
+
+def is_loopback_url(addr: str) -> bool:
+    """localhost, or a loopback IP (not a name that merely starts with "127.")."""
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(addr).hostname or ""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def config_path(cli_value: str | None, environ: Mapping[str, str]) -> str:
+    """--config wins, then SECRET_INIT_CONFIG, then the default path."""
+    return cli_value or environ.get("SECRET_INIT_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load(path: str, environ: Mapping[str, str]) -> Config:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_CONFIG_SIZE + 1)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    if len(raw) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_SIZE} bytes")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {path} is not UTF-8") from None
+    return load_text(text, path, environ)
+
+
+def load_text(text: str, path: str, environ: Mapping[str, str]) -> Config:
+    import tomllib
+
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config {path}: not valid TOML: {e}") from None
+    try:
+        return _parse(data, path, environ)
+    except ConfigError as e:
+        raise ConfigError(f"config {path}: {e}") from None
+
+
+def _fail(where: str, key: str, reason: str) -> NoReturn:
+    raise ConfigError(f"{where}: {key} {reason}")
+
+
+def _parse(data: dict[str, object], path: str, environ: Mapping[str, str]) -> Config:
+    _check_known(data, "top level", _SECTIONS)
+    output = _read(OutputConfig, data.get("output"), "[output]")
+    if os.path.normpath(output.dir) in SHARED_DIRS:
+        reason = f"is a shared system directory; use a dedicated one such as {DEFAULT_OUTPUT_DIR}"
+        _fail("[output]", "dir", f"{output.dir} {reason}")
+    vault = _read(VaultConfig, data.get("vault"), "[vault]")
+    if vault.auth == "approle" and vault.role_id_file is None:
+        _fail("[vault]", "role_id_file", 'is required when auth = "approle"')
+    if vault.request_timeout <= 0:
+        _fail("[vault]", "request_timeout", "must be more than zero")
+    if vault.refresh_interval < 1:
+        _fail("[vault]", "refresh_interval", "must be at least 1s")
+    process = _read(ProcessConfig, data.get("process"), "[process]")
+    if process.rotate_before is not None and process.rotate_before <= 0:
+        _fail("[process]", "rotate_before", "must be more than zero")
+    if process.on_rotate.startswith("signal:"):
+        try:
+            process = process._replace(on_rotate="signal", rotate_signal=parse_signal(process.on_rotate[7:]))
+        except ConfigError as e:
+            _fail("[process]", "on_rotate", str(e))
+    elif process.on_rotate not in ("restart", "none"):
+        _fail("[process]", "on_rotate", f'must be "restart", "signal:NAME" or "none", not {process.on_rotate!r}')
+    sidecar = _read(SidecarConfig, data.get("sidecar"), "[sidecar]")
+    secrets = _parse_secrets(data.get("secret", []), output)
+    vault, notes = _vault_from_env(vault, environ, any(s.source.kind == "vault" for s in secrets))
+    swarm_dir = environ.get("SECRET_INIT_SWARM_DIR") or DEFAULT_SWARM_DIR
+    return Config(path, output, vault, process, secrets, swarm_dir, sidecar, notes)
+
+
+def _parse_secrets(items: object, output: OutputConfig) -> tuple[SecretSpec, ...]:
+    if not isinstance(items, list):
+        _fail("top level", "secret", "must be written as [[secret]] tables")
+    secrets: dict[str, SecretSpec] = {}
+    envs: set[str | None] = set()
+    for i, item in enumerate(items, 1):
+        name = item.get("name") if isinstance(item, dict) else None
+        where = f"[[secret]] {name!r}" if isinstance(name, str) else f"[[secret]] #{i}"
+        spec = _read(SecretSpec, item, where, {"mode": output.mode})
+        if spec.template is not None and (spec.source.kind != "vault" or spec.source.field is not None):
+            _fail(where, "template", "needs a vault: source without #field (the template picks the fields)")
+        if spec.name in secrets:
+            _fail(where, "name", "is used twice")
+        if spec.env is not None and spec.env in envs:
+            _fail(where, f"env {spec.env}", "is used twice")
+        secrets[spec.name] = spec
+        envs.add(spec.env)
+    return tuple(secrets.values())
+
+
+def _vault_from_env(vault: VaultConfig, environ: Mapping[str, str], used: bool) -> tuple[VaultConfig, tuple[str, ...]]:
+    """[vault] with what the environment adds. A bad address there is ignored while no secret needs it."""
+    addr, notes = vault.addr, []
+    if addr is None:
+        origin = "VAULT_ADDR" if environ.get("VAULT_ADDR") else "BAO_ADDR"
+        try:
+            addr = _url(environ.get(origin, ""))
+        except ConfigError as e:
+            if used:
+                _fail("[vault]", "addr", str(e))
+            notes.append(f"${origin} ignored: it is not like http(s)://HOST:PORT, and no secret has a vault: source")
+    namespace = environ.get("VAULT_NAMESPACE") if vault.namespace is None else vault.namespace  # "" in the file wins
+    return vault._replace(
+        addr=addr.rstrip("/") if addr else None,
+        approle_mount=vault.approle_mount.strip("/"),
+        ca_cert=vault.ca_cert or environ.get("VAULT_CACERT") or environ.get("BAO_CACERT"),
+        namespace=namespace or None,
+    ), tuple(notes)
+
+
+_R = TypeVar("_R", bound=NamedTuple)
+
+
+def _declared(cls: type[_R]) -> dict[str, tuple[_Type, str, str | None]]:
+    """A section's keys (its fields annotated with a _Type), each with its doc and its default as shown."""
+    keys = {}
+    for field, hint in cls.__annotations__.items():
+        meta: tuple[object, ...] = getattr(hint, "__metadata__", ())
+        if meta and isinstance(meta[0], _Type):
+            keys[field] = (meta[0], str(meta[1]), str(meta[2]) if len(meta) > 2 else None)
+    return keys
+
+
+def _check_known(table: dict[str, object], where: str, known: Mapping[str, object]) -> None:
+    unknown = sorted(set(table) - set(known))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+
+
+def _read(cls: type[_R], table: object, where: str, defaults: Mapping[str, object] | None = None) -> _R:
+    """A section's record from its TOML table, as its declaration says."""
+    table = {} if table is None else table
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where} must be a table")
+    keys = _declared(cls)
+    _check_known(table, where, keys)
+    values: list[object] = []
+    for field in cls._fields:
+        value = None
+        if field in keys and table.get(field) is not None:
+            try:
+                value = keys[field][0].parse(table[field])
+            except ConfigError as e:
+                _fail(where, field, str(e))
+        if value is None and field not in cls._field_defaults:
+            _fail(where, field, "is required")
+        values.append((defaults or {}).get(field, cls._field_defaults[field]) if value is None else value)
+    return cls._make(values)
+
+
+def docs_table(section: str) -> str:
+    """The markdown table of a section's keys ("output", "vault", "process", "sidecar", "secret")."""
+    cls = _SECTIONS[section]
+    rows = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for key, (kind, doc, shown) in _declared(cls).items():
+        default = cls._field_defaults.get(key, ...)
+        shown = shown or ("required" if default is ... else "none" if default is None else kind.show(default))
+        rows.append(f"| `{key}` | {kind.label} | {shown} | {doc} |")
+    return "\n".join(rows)

@@ -8,8 +8,8 @@ from secret_init.config import (
     DEFAULT_OUTPUT_DIR,
     SourceRef,
     config_path,
+    docs_table,
     is_loopback_url,
-    is_plain_http_loopback,
     load,
     load_text,
     parse_duration,
@@ -17,6 +17,7 @@ from secret_init.config import (
     parse_reference,
 )
 from secret_init.errors import ConfigError, ExitCode
+from tests.conftest import REPO
 
 FULL = """
 [output]
@@ -106,6 +107,65 @@ def test_defaults_and_environment() -> None:
     assert both.vault.addr == "http://127.0.0.1:1"
     assert load_text("", "x", {"VAULT_NAMESPACE": "team"}).vault.namespace == "team"
     assert load_text('[vault]\nnamespace = ""\n', "x", {"VAULT_NAMESPACE": "team"}).vault.namespace is None
+
+
+def test_secrets_are_split_by_source_kind() -> None:
+    """vault_specs, vault_paths (each path once, sorted) and file_specs: the one filter others share."""
+    cfg = load_text(FULL, "full.toml", {})
+    assert [s.name for s in cfg.vault_specs] == ["stripe_key", "payments.json", "db.dsn"]
+    assert cfg.vault_paths == ["database/creds/app", "secret/data/payments"]
+    assert [s.name for s in cfg.file_specs] == ["db_password", "tls.key"]
+    assert cfg.notes == ()
+    empty = load_text("", "x", {})
+    assert (empty.vault_specs, empty.vault_paths, empty.file_specs) == ((), [], ())
+
+
+SWARM_ONLY = '[[secret]]\nname = "x"\nsource = "swarm:x"\n'
+VAULT_ONE = '[[secret]]\nname = "x"\nsource = "vault:secret/data/x"\n'
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"VAULT_ADDR": "vault.internal:8200"},
+        {"BAO_ADDR": "https://user:pw@vault.internal:8200/v1"},
+        {"VAULT_ADDR": "", "BAO_ADDR": "not an address"},
+    ],
+)
+def test_a_bad_vault_address_in_the_environment_is_ignored_while_no_secret_uses_vault(env: dict[str, str]) -> None:
+    """Issue 9 section 6: no exit 78 for an address nothing uses, only a note naming the variable, not its value."""
+    name, value = next((k, v) for k, v in env.items() if v)
+    cfg = load_text(SWARM_ONLY, "x.toml", env)
+    assert cfg.vault.addr is None
+    (note,) = cfg.notes
+    assert f"${name}" in note and value not in note
+    with pytest.raises(ConfigError) as info:
+        load_text(VAULT_ONE, "bad.toml", env)
+    assert info.value.exit_code == ExitCode.CONFIG
+    assert str(info.value) == f"config bad.toml: [vault]: addr must look like http(s)://HOST:PORT, not {value!r}"
+
+
+def test_a_bad_vault_address_in_the_file_always_fails() -> None:
+    """Written in the file, a malformed addr is a config error even with no vault: source."""
+    for text in ('[vault]\naddr = "vault:8200"\n' + SWARM_ONLY, '[vault]\naddr = "vault:8200"\n'):
+        with pytest.raises(ConfigError) as info:
+            load_text(text, "bad.toml", {"VAULT_ADDR": "http://127.0.0.1:8200"})
+        assert str(info.value) == "config bad.toml: [vault]: addr must look like http(s)://HOST:PORT, not 'vault:8200'"
+
+
+def test_a_good_environment_address_is_kept_and_a_bad_second_one_is_not_read() -> None:
+    env = {"VAULT_ADDR": "http://127.0.0.1:8200/", "BAO_ADDR": "bad"}
+    for text in (SWARM_ONLY, VAULT_ONE):
+        cfg = load_text(text, "x", env)
+        assert (cfg.vault.addr, cfg.notes) == ("http://127.0.0.1:8200", ())
+
+
+@pytest.mark.parametrize("section", ["output", "vault", "process", "sidecar", "secret"])
+def test_the_docs_show_each_key_table_as_declared(section: str) -> None:
+    """docs/configuration.md holds exactly what docs_table renders (regenerate it from there)."""
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    assert f"\n\n{docs_table(section)}\n\n" in docs
+    assert docs.count("| key | type | default | meaning |") == 5, "no other, hand-written key table"
 
 
 def test_config_path_precedence() -> None:
@@ -204,20 +264,17 @@ def test_references() -> None:
 
 
 @pytest.mark.parametrize(
-    ("addr", "loopback", "plain_http_here"),
+    ("addr", "loopback"),
     [
-        ("http://127.0.0.1:8200", True, True),
-        ("http://127.9.9.9", True, True),
-        ("http://[::1]:8200", True, True),
-        ("http://localhost:8200", True, True),
-        ("https://127.0.0.1:8200", True, False),
-        ("http://127.0.0.1.attacker.example", False, False),
-        ("http://10.0.0.1:8200", False, False),
-        ("http://vault.internal:8200", False, False),
+        ("http://127.0.0.1:8200", True),
+        ("http://127.9.9.9", True),
+        ("http://[::1]:8200", True),
+        ("http://localhost:8200", True),
+        ("https://127.0.0.1:8200", True),
+        ("http://127.0.0.1.attacker.example", False),
+        ("http://10.0.0.1:8200", False),
+        ("http://vault.internal:8200", False),
     ],
 )
-def test_loopback_means_a_loopback_address_not_a_lookalike_name(
-    addr: str, loopback: bool, plain_http_here: bool
-) -> None:
+def test_loopback_means_a_loopback_address_not_a_lookalike_name(addr: str, loopback: bool) -> None:
     assert is_loopback_url(addr) is loopback
-    assert is_plain_http_loopback(addr) is plain_http_here
