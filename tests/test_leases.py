@@ -101,7 +101,7 @@ class Run:
         )  # fmt: skip
         self.lines: list[dict[str, Any]] = []  # the app's
         self.logs: list[dict[str, Any]] = []  # secret-init's
-        self.stderr = ""
+        self.stdout = self.stderr = ""
 
     def until(self, done: Callable[["Run"], bool], timeout: float) -> None:
         assert self.proc.stdout is not None and self.proc.stderr is not None
@@ -114,6 +114,7 @@ class Run:
                 line = stream.readline().decode()
                 assert line, f"secret-init ended early: {self.finish()} {self.stderr[-2000:]}"
                 if stream is self.proc.stdout:
+                    self.stdout += line
                     self.lines.append(json.loads(line))
                 else:
                     self.stderr += line
@@ -123,6 +124,7 @@ class Run:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
         out, err = (b.decode() for b in self.proc.communicate(timeout=timeout))
+        self.stdout += out
         self.lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         self.stderr += err
         self.logs += log_events(err)

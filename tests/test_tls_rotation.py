@@ -10,16 +10,9 @@ of what it read, so no secret value has a legitimate reason to appear in any out
 """
 
 import hashlib
-import json
 import os
-import select
-import signal
 import socket
 import ssl
-import subprocess
-import sys
-import time
-from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -27,17 +20,15 @@ from typing import Any
 import pytest
 
 from tests.conftest import (
-    REPO,
     Database,
     TlsBao,
     UnixUser,
     app_command,
     assert_no_leak,
-    base_env,
-    log_events,
     needs_root,
     write_config,
 )
+from tests.test_leases import Run
 
 pytestmark = needs_root
 
@@ -79,56 +70,6 @@ def tls_app(workdir: Path) -> list[str]:
     if not os.path.exists("/usr/bin/psql"):
         pytest.skip("needs psql for the probing app")
     return app_command(workdir, "tls_app", TLS_APP)
-
-
-class Supervised:
-    """`secret-init run` supervising the app; collects the app's lines and the logs as they come."""
-
-    def __init__(self, cfg: Path, app: list[str]) -> None:
-        # Unbuffered binary pipes: select() then sees every line, none hides in a buffer.
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", *app],
-            env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-        )  # fmt: skip
-        self.stdout = ""
-        self.stderr = ""
-
-    @property
-    def lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.stdout.splitlines() if line.startswith("{")]
-
-    @property
-    def logs(self) -> list[dict[str, Any]]:
-        return log_events(self.stderr)
-
-    def events(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.lines if e["event"] == name]
-
-    def logged(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.logs if e["event"] == name]
-
-    def until(self, done: Callable[["Supervised"], bool], timeout: float) -> None:
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        while not done(self):
-            left = deadline - time.monotonic()
-            assert left > 0, f"timed out; app said {self.lines[-3:]}; logs {self.logs[-3:]}"
-            ready, _, _ = select.select([self.proc.stdout, self.proc.stderr], [], [], left)
-            for stream in ready:
-                line = stream.readline().decode()
-                assert line, f"secret-init ended early (exit {self.finish()}): {self.stderr[-2000:]}"
-                if stream is self.proc.stdout:
-                    self.stdout += line
-                else:
-                    self.stderr += line
-
-    def finish(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=timeout)
-        self.stdout += out.decode()
-        self.stderr += err.decode()
-        return self.proc.returncode
 
 
 def tls_config(workdir: Path, out: Path, tls: TlsBao, creds: str, user: str) -> tuple[Path, str]:
@@ -207,7 +148,7 @@ def test_supervised_renewal_and_rotation_over_tls_with_the_tests_own_ca(
     cfg, token = tls_config(workdir, out, bao_own_ca, creds, app_user.name)
     seen: list[str] = [token]  # every secret value the run handled, for the leak check
 
-    run = Supervised(cfg, [*tls_app, str(db.pg.port)])
+    run = Run(cfg, tls_app, db.pg.port)
     try:
         run.until(lambda r: len(r.events("start")) >= 1 and bool(r.logged("lease tracked")), 20)
         first_lease = run.logged("lease tracked")[0]["lease_id"]
@@ -218,10 +159,10 @@ def test_supervised_renewal_and_rotation_over_tls_with_the_tests_own_ca(
         start = run.events("start")[0]
         assert (start["user"], start["password"]) == (digest(first_user), digest(first_password))
 
-        def rotated_and_revoked(r: Supervised) -> bool:
+        def rotated_and_revoked(r: Run) -> bool:
             return len(r.events("start")) >= 2 and any(e["lease_id"] == first_lease for e in r.logged("lease revoked"))
 
-        def new_logins(r: Supervised) -> int:
+        def new_logins(r: Run) -> int:
             return len([p for p in r.events("probe") if p["user"] == r.events("start")[1]["user"]])
 
         run.until(rotated_and_revoked, MAX_TTL + 8)
