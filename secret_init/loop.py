@@ -59,7 +59,8 @@ class Supervised:
         self.threaded = threaded
         self.events: SimpleQueue[object] = SimpleQueue()
         self.supervisor = Supervisor(self.events, clock)
-        self.client = done.client
+        self.client = client = done.client
+        self.vault = VaultSource(lambda: client, cfg.output.max_secret_size) if client is not None else None
         self.renewer: Renewer | None = None
         self.forced_exit: int | None = None
         # Old leases to revoke later (due time, lease id): the app was signalled, not restarted.
@@ -194,14 +195,11 @@ class Supervised:
             self.renewer.start()
 
     def _read(self, path: str, why: str) -> list[Material] | None:
-        assert self.client is not None
-        client = self.client
-        reading = VaultSource(lambda: client, self.cfg.output.max_secret_size).read(
-            [s for s in self.cfg.vault_specs if s.source.path == path]
-        )
+        assert self.vault is not None
+        reading = self.vault.read([s for s in self.cfg.vault_specs if s.source.path == path])
         if reading.failures:
             for lease_id in reading.lease_ids:  # unusable: do not leave credentials alive
-                client.revoke_lease_quietly(lease_id)
+                self._revoke(lease_id)
             log.warning("vault read failed", path=path, purpose=why, error=str(reading.failures[0][1]))
             return None
         return reading.materials

@@ -1,6 +1,5 @@
 """The values that flow from sources to the sink. None of them prints its secret."""
 
-from hmac import compare_digest
 from typing import NamedTuple
 
 from secret_init.config import SecretSpec
@@ -17,15 +16,6 @@ class Hidden:
     def reveal(self) -> bytes:
         return self._value
 
-    def __len__(self) -> int:
-        return len(self._value)
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, Hidden) and compare_digest(self._value, other._value)
-
-    def __hash__(self) -> int:
-        return hash(self._value)
-
     def __repr__(self) -> str:
         return f"Hidden(<{len(self._value)} bytes>)"
 
@@ -38,7 +28,7 @@ class Lease(NamedTuple):
     lease_id: str
     duration: float
     renewable: bool
-    issued_at: float = 0.0  # time.monotonic() when Vault answered; its TTL runs from here
+    issued_at: float = 0.0  # when Vault answered, on the client's monotonic clock; its TTL runs from here
 
 
 class Material(NamedTuple):

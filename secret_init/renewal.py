@@ -81,13 +81,7 @@ def grace_for(duration: float, rng: random.Random) -> float:
 
 
 def new_lease(
-    path: str,
-    lease_id: str,
-    duration: float,
-    renewable: bool,
-    now: float,
-    deadline: float,
-    rng: random.Random,
+    path: str, lease_id: str, duration: float, renewable: bool, now: float, deadline: float, rng: random.Random
 ) -> LeaseState:
     expires = min(now + duration, deadline)
     grace = grace_for(duration, rng)
@@ -304,11 +298,6 @@ def token_failed(token: TokenState, action: str, now: float, rng: random.Random)
     if action == "relogin":
         return token._replace(errors=errors, next_relogin=retry)
     return token._replace(errors=errors, next_renewal=retry)
-
-
-def token_after_blind_relogin(token: TokenState, now: float) -> TokenState:
-    """Logged in, but the new token's limits are unknown: renew it soon, never log in again for this."""
-    return TokenState(renewable=True, ttl=token.ttl, next_renewal=now + 1)
 
 
 # -- the thread -----------------------------------------------------------------------
@@ -580,7 +569,8 @@ class Renewer(threading.Thread):
         try:
             self._learn_token()
         except SecretInitError as e:
-            self.token = token_after_blind_relogin(self.token, now)
+            # Its limits unknown: renew it soon, and never log in again for this.
+            self.token = TokenState(renewable=True, ttl=self.token.ttl, next_renewal=now + 1)
             log.warning("could not look up the new token", error=str(e))
 
     def _tend_refresh(self, now: float) -> None:

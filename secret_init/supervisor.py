@@ -9,7 +9,6 @@ here too.
 """
 
 import contextlib
-import errno
 import os
 import signal
 import subprocess
@@ -217,12 +216,12 @@ class Supervisor:
         deadline = self.clock() + timeout
         while self.clock() < deadline:
             self.reap()
-            if not self._leftovers_alive():
+            if not _descendants():
                 return
             self._pause()
         log.warning("processes left behind by the app after stop_timeout, killing them", pgid=self.pid)
         self._signal_leftovers(signal.SIGKILL)
-        while self._leftovers_alive():
+        while _descendants():
             self.reap()
             self._pause()
         self.reap()
@@ -235,24 +234,9 @@ class Supervisor:
                 found = True
         return found
 
-    def _leftovers_alive(self) -> bool:
-        return self._group_alive() or bool(_descendants())
-
-    def _group_alive(self) -> bool:
-        if self.pid is None:
-            return False
-        try:
-            os.killpg(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        except OSError as e:
-            return e.errno != errno.ESRCH
-        # Zombies still count for killpg; once reaped, the group is gone.
-        return True
-
 
 def _descendants() -> list[int]:
-    """Living (not zombie) descendants of this process."""
+    """Living (not zombie) descendants of this process: all of the app's group, since we reap its orphans."""
     alive = []
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.NoSuchProcess):

@@ -77,9 +77,4 @@ def warn_if_on_disk(path: str, name: str) -> None:
     except OSError:
         return
     if not fs.in_memory:
-        log.warning(
-            "source file is on a disk filesystem, not tmpfs",
-            secret=name,
-            path=path,
-            filesystem=fs.describe(),
-        )
+        log.warning("source file is on a disk filesystem, not tmpfs", secret=name, path=path, filesystem=fs.describe())
