@@ -320,7 +320,7 @@ class Config(NamedTuple):
 
     @property
     def uses_vault(self) -> bool:
-        return any(s.source.kind == "vault" for s in self.secrets)
+        return bool(self.vault_specs)
 
     @property
     def vault_specs(self) -> tuple[SecretSpec, ...]:
@@ -330,10 +330,6 @@ class Config(NamedTuple):
     def vault_paths(self) -> list[str]:
         """Each Vault path once, sorted: one read serves every secret from it."""
         return sorted({s.source.path for s in self.vault_specs})
-
-    @property
-    def file_specs(self) -> tuple[SecretSpec, ...]:
-        return tuple(s for s in self.secrets if s.source.kind != "vault")
 
     def file_path(self, spec: SecretSpec) -> str:
         return f"{self.output.dir.rstrip('/')}/{spec.name}"

@@ -110,14 +110,13 @@ def test_defaults_and_environment() -> None:
 
 
 def test_secrets_are_split_by_source_kind() -> None:
-    """vault_specs, vault_paths (each path once, sorted) and file_specs: the one filter others share."""
+    """vault_specs and vault_paths (each path once, sorted): the one filter others share."""
     cfg = load_text(FULL, "full.toml", {})
     assert [s.name for s in cfg.vault_specs] == ["stripe_key", "payments.json", "db.dsn"]
     assert cfg.vault_paths == ["database/creds/app", "secret/data/payments"]
-    assert [s.name for s in cfg.file_specs] == ["db_password", "tls.key"]
     assert cfg.notes == ()
     empty = load_text("", "x", {})
-    assert (empty.vault_specs, empty.vault_paths, empty.file_specs) == ((), [], ())
+    assert (empty.vault_specs, empty.vault_paths) == ((), [])
 
 
 SWARM_ONLY = '[[secret]]\nname = "x"\nsource = "swarm:x"\n'
