@@ -57,7 +57,7 @@ class Supervisor:
         self.clock = clock
         self.pid: int | None = None  # the app; also its process group id
         self.exit_status: int | None = None  # wait status of the app once reaped
-        self.stop_requested = False  # SIGTERM or SIGINT arrived
+        self.stop_requested: int | None = None  # SIGTERM or SIGINT, once one arrived
         self._stop_forwarded = False
 
     def install(self) -> None:
@@ -68,7 +68,7 @@ class Supervisor:
 
     def _enqueue(self, signum: int, _frame: object) -> None:
         if signum in STOP_SIGNALS:
-            self.stop_requested = True
+            self.stop_requested = signum
         self.events.put(SignalEvent(signum))  # SimpleQueue.put is safe in a signal handler
 
     # -- starting ---------------------------------------------------------------------
@@ -113,6 +113,7 @@ class Supervisor:
     # -- signals and waiting ----------------------------------------------------------------
 
     def forward(self, signum: int) -> None:
+        self._stop_forwarded = self._stop_forwarded or signum in STOP_SIGNALS
         log.info("signal forwarded", signal=signal.Signals(signum).name, pid=self.pid)
         self.kill_group(signum)
 
@@ -171,7 +172,7 @@ class Supervisor:
         old_pid = self.pid
         self.stop_app(signum, timeout)
         self.stop_leftovers(timeout)
-        if self.stop_requested:
+        if self.stop_requested is not None:
             log.info("restart abandoned: a stop was requested", old_pid=old_pid)
             return False
         new_pid = self.start(argv, env, user)
@@ -191,9 +192,8 @@ class Supervisor:
     def _pause(self) -> None:
         """One poll interval; a stop request arriving meanwhile is forwarded to the app's group."""
         time.sleep(_POLL)
-        if self.stop_requested and not self._stop_forwarded:
-            self._stop_forwarded = True
-            self.kill_group(signal.SIGTERM)
+        if self.stop_requested is not None and not self._stop_forwarded:
+            self.forward(self.stop_requested)
 
     def _wait_app(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else self.clock() + timeout
