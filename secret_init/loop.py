@@ -11,6 +11,7 @@ Decisions use one monotonic clock; wall time is only written for people (status.
 """
 
 import gc
+import math
 import os
 import signal
 import time
@@ -250,7 +251,8 @@ class Supervised:
 
     def _revoke(self, lease_id: str) -> None:
         assert self.client is not None
-        self.client.revoke_lease_quietly(lease_id)
+        if not self.client.revoke_lease_quietly(lease_id):
+            self.pending_revokes.append((math.inf, lease_id))  # tried again on exit
 
     def _expired(self, path: str) -> None:
         if self.cfg.process.on_expiry == "keep":

@@ -254,11 +254,13 @@ class VaultClient:
         self._call(f"revoke of {lease_id}", lambda: self.client.sys.revoke_lease(lease_id))
         log.info("lease revoked", lease_id=lease_id)
 
-    def revoke_lease_quietly(self, lease_id: str) -> None:
+    def revoke_lease_quietly(self, lease_id: str) -> bool:
         try:
             self.revoke_lease(lease_id)
         except SecretInitError as e:
             log.warning("lease revoke failed; it expires by itself", lease_id=lease_id, error=str(e))
+            return False
+        return True
 
     def token_info(self) -> TokenInfo:
         data = self._call("token lookup-self", lambda: self.client.auth.token.lookup_self())["data"]
