@@ -209,10 +209,13 @@ def decide_lease(lease: LeaseState, now: float, configured: float | None) -> Lea
 
 
 def after_refusal(lease: LeaseState) -> tuple[LeaseState, bool]:
-    """Vault refused a renewal (revoked, expired): rotate, unless a rotation is already out."""
+    """Vault refused a renewal (revoked, expired): rotate, unless a rotation is already out.
+
+    Either way it is not renewed again: Vault would only refuse once more.
+    """
     if lease.rotating:
-        return lease, False
-    return lease._replace(rotating=True, retry_at=FAR, probed=True), True
+        return lease._replace(next_renewal=FAR), False
+    return lease._replace(rotating=True, retry_at=FAR, probed=True, next_renewal=FAR), True
 
 
 def after_rotation_failed(lease: LeaseState, now: float, rng: random.Random) -> LeaseState:
