@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 
 def main(argv: "Sequence[str] | None" = None) -> int:
-    trust_only_root_import_paths()
+    dropped = trust_only_root_import_paths()
     import gc
 
     # Start-up allocates enough objects to trigger ~20 collections (~20 ms) and makes few
@@ -23,19 +23,28 @@ def main(argv: "Sequence[str] | None" = None) -> int:
     gc.disable()
     try:
         return _main(argv)
+    except ModuleNotFoundError as e:
+        if not dropped:
+            raise  # a broken install
+        print(f"secret-init: cannot import {e.name}: as root it ignores import paths that others could change "
+              f"({', '.join(dropped)}); install it where only root can write", file=sys.stderr)  # fmt: skip
+        return 78
     finally:
         gc.enable()
 
 
-def trust_only_root_import_paths() -> None:
-    """As root, forget import paths that another user could change.
+def trust_only_root_import_paths() -> list[str]:
+    """As root, forget import paths that another user could change; the ones forgotten.
 
     A module planted there (the app's working directory under `python -m`, say) would
     run as root. A path counts only when it and every directory above it are root's and
     writable by no group or other user (a sticky directory may be, as /tmp is).
     """
-    if os.geteuid() == 0:
-        sys.path[:] = [p for p in sys.path if _only_root_writes(os.path.abspath(p or os.curdir))]
+    if os.geteuid() != 0:
+        return []
+    dropped = [p for p in sys.path if not _only_root_writes(os.path.abspath(p or os.curdir))]
+    sys.path[:] = [p for p in sys.path if p not in dropped]
+    return dropped
 
 
 def _only_root_writes(path: str) -> bool:
@@ -127,6 +136,8 @@ def _main(argv: "Sequence[str] | None") -> int:
         return int(e.exit_code)
     except KeyboardInterrupt:
         return 130
+    except ModuleNotFoundError:
+        raise  # main() explains it, when a path was forgotten
     except Exception as e:
         log.error("internal error", error=f"{type(e).__name__}: {e}", exc_info=True, exit_code=int(ExitCode.SOFTWARE))
         return int(ExitCode.SOFTWARE)

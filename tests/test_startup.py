@@ -144,3 +144,22 @@ def test_a_supervisor_imports_nothing_once_the_app_runs(tmp_path: Path, app_user
     imports = json.loads(report.read_text())
     assert imports["started"], "the hook saw the app start"
     assert imports["late"] == [], f"imported as root after the app started: {imports['late']}"
+
+
+@needs_root
+def test_a_library_found_only_on_a_path_others_could_change_is_a_clear_error(tmp_path: Path) -> None:
+    """structlog reachable only through a group-writable directory: exit 78 and one line naming it, no traceback."""
+    import structlog
+
+    untrusted = tmp_path / "untrusted"
+    untrusted.mkdir(mode=0o775)
+    os.chmod(untrusted, 0o775)  # noqa: S103 - the group-writable case under test
+    os.symlink(Path(structlog.__file__).parent, untrusted / "structlog")
+    result = subprocess.run(
+        [sys.executable, "-S", "-m", "secret_init", "render", "--config", str(tmp_path / "none.toml")],
+        cwd=REPO, capture_output=True, text=True, check=False,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": f"{REPO}:{untrusted}"},
+    )  # fmt: skip
+    assert result.returncode == 78, result.stderr
+    assert "cannot import structlog" in result.stderr and str(untrusted) in result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
