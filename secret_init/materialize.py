@@ -60,10 +60,13 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_cli
         discard(vault.client, reading)  # with a supplied token its leases would outlive us
         raise
     done = Materialized(user, reading.materials, written, sink, owners, vault.client, owner_lock)
-    if vault.client is not None and not keep_client:
-        _release_token(vault.client, done)
-        return done._replace(client=None)
-    return done
+    if vault.client is None or keep_client:
+        return done
+    if leased := sorted(set(reading.lease_ids)):  # they die with the token: it must outlive us
+        log.warning("leased secrets are not renewed after render; they expire with their TTL", leases=leased)
+    else:
+        vault.client.revoke_own_token()
+    return done._replace(client=None)
 
 
 def discard(client: "VaultClient | None", reading: Reading) -> None:
@@ -111,12 +114,3 @@ def file_owner(spec: SecretSpec, app: AppUser) -> Owner:
     if not privileges.is_root() and user.uid != os.geteuid():
         raise PermissionRefusedError(f"secret {spec.name!r}: cannot give the file to {spec.user!r} without root")
     return Owner(user.uid, user.gid)
-
-
-def _release_token(client: "VaultClient", done: Materialized) -> None:
-    leased = sorted({m.lease.lease_id for m in done.materials if m.lease})
-    if leased:
-        # The leases die with the token, so it must outlive this process.
-        log.warning("leased secrets are not renewed after render; they expire with their TTL", leases=leased)
-    else:
-        client.revoke_own_token()

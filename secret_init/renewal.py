@@ -317,11 +317,6 @@ class Refresh(NamedTuple):
 
 
 R = TypeVar("R")
-_TOKEN_FAILURES = {
-    "lookup": "vault token lookup failed, retrying",
-    "relogin": "token re-login failed",
-    "renew": "token renewal failed",
-}
 
 
 class Renewer(threading.Thread):
@@ -548,7 +543,7 @@ class Renewer(threading.Thread):
                 log.info("token renewed", ttl=ttl)
         except SecretInitError as e:
             self.token = token_failed(self.token, action, now, self.rng)
-            log.warning(_TOKEN_FAILURES[action], error=str(e))
+            log.warning("vault token request failed, retrying", action=action, error=str(e))
 
     def _learn_token(self) -> None:
         now = self.clock()

@@ -11,7 +11,8 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TextIO
 
-from secret_init.config import Config
+from secret_init.config import Config, load
+from secret_init.errors import SecretInitError
 
 STATUS_DIR = ".secret-init"  # inside output.dir
 STATUS_FILE = "status.json"
@@ -102,11 +103,8 @@ def health(config_path: str, out: TextIO) -> int:
     """`secret-init health`: 0 when every file exists and no lease is overdue; no Vault call."""
     import time
 
-    from secret_init import config
-    from secret_init.errors import SecretInitError
-
     try:
-        cfg = config.load(config_path, os.environ)
+        cfg = load(config_path, os.environ)
     except SecretInitError as e:
         print(f"unhealthy: {e}", file=out)
         return 1
