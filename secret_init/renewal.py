@@ -277,7 +277,7 @@ def token_learned(now: float, info: "TokenInfo", owned: bool, rng: random.Random
 
 
 def token_action(token: TokenState, now: float) -> str | None:
-    """ "lookup", "relogin", "renew", "expired" (once: only a re-login helps then) or None."""
+    """What the token needs now: lookup, relogin, renew, expired (reported once) or None."""
     if not token.known:
         return "lookup" if now >= token.next_renewal else None
     if now >= token.next_relogin:
