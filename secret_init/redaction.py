@@ -4,8 +4,8 @@ Sources register values the moment they read them, before anything could log the
 the log processor in logs.py asks `REDACTOR.redact` to scrub every field.
 
 Needles are indexed by their first few characters, so adding one is cheap and a field is
-scanned in time linear in its length, however many secrets are held. (One regex of all
-needles had to be recompiled after every add: quadratic with hundreds of leases.)
+scanned in time linear in its length, however many secrets are held (hundreds of leases
+each add their values).
 """
 
 import json
