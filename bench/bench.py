@@ -50,6 +50,7 @@ from tests.conftest import (  # noqa: E402 - the same real services as the tests
     start_postgres,
     stop_bao,
     stop_postgres,
+    tls_listener,
     wait_ready,
 )
 
@@ -591,11 +592,7 @@ def services_cases(
     # Both tools talk TLS to a second listener, with a CA made here; setup calls use plain http.
     ca = make_test_ca(state / "pki")
     tls_port = free_port()
-    listener = (
-        f'listener "tcp" {{\n  address = "127.0.0.1:{tls_port}"\n'
-        f'  tls_cert_file = "{ca.server_cert}"\n  tls_key_file = "{ca.server_key}"\n}}\n'
-    )
-    server, addr, token = start_bao(state, extra_config=listener)
+    server, addr, token = start_bao(state, extra_config=tls_listener(ca, tls_port))
     bin_dir = postgres_bin()
     assert bin_dir is not None, "PostgreSQL is not installed (scripts/bootstrap installs it)"
     pg = start_postgres(bin_dir)

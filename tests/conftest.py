@@ -521,6 +521,14 @@ def make_test_ca(directory: Path) -> OwnCA:
     return OwnCA(ca_cert, cert, key)
 
 
+def tls_listener(ca: OwnCA, port: int) -> str:
+    """HCL for a second bao listener on 127.0.0.1:`port`, serving `ca`'s server certificate."""
+    return (
+        f'listener "tcp" {{\n  address = "127.0.0.1:{port}"\n'
+        f'  tls_cert_file = "{ca.server_cert}"\n  tls_key_file = "{ca.server_key}"\n}}\n'
+    )
+
+
 @dataclass
 class TlsBao:
     """A dev server with a second, TLS listener serving a certificate from the test's own CA."""
@@ -542,11 +550,7 @@ def bao_own_ca(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBao]:
     state = tmp_path_factory.mktemp("bao-own-ca")
     ca = make_test_ca(state / "pki")
     tls_port = free_port()
-    listener = (
-        f'listener "tcp" {{\n  address = "127.0.0.1:{tls_port}"\n'
-        f'  tls_cert_file = "{ca.server_cert}"\n  tls_key_file = "{ca.server_key}"\n}}\n'
-    )
-    server, addr, token = start_bao(state, extra_config=listener)
+    server, addr, token = start_bao(state, extra_config=tls_listener(ca, tls_port))
     client = hvac.Client(url=addr, token=token)
     tls_addr = f"https://127.0.0.1:{tls_port}"
     try:
