@@ -60,8 +60,7 @@ class Supervised:
         self.threaded = threaded
         self.events: SimpleQueue[object] = SimpleQueue()
         self.supervisor = Supervisor(self.events, clock)
-        self.client = client = done.client
-        self.vault = VaultSource(lambda: client, cfg.output.max_secret_size) if client is not None else None
+        self.client = done.client
         self.renewer: Renewer | None = None
         self.forced_exit: int | None = None
         # Old leases to revoke later (due time, lease id): the app was signalled, not restarted.
@@ -196,8 +195,10 @@ class Supervised:
             self.renewer.start()
 
     def _read(self, path: str, why: str) -> list[Material] | None:
-        assert self.vault is not None
-        reading = self.vault.read([s for s in self.cfg.vault_specs if s.source.path == path])
+        client = self.client
+        assert client is not None
+        source = VaultSource(lambda: client, self.cfg.output.max_secret_size)  # one per read: it keeps no history
+        reading = source.read([s for s in self.cfg.vault_specs if s.source.path == path])
         if reading.failures:
             for lease_id in reading.lease_ids:  # unusable: do not leave credentials alive
                 self._revoke(lease_id)

@@ -15,7 +15,7 @@ from secret_init.errors import PermissionRefusedError
 from secret_init.model import Material
 from secret_init.privileges import AppUser
 from secret_init.sink import OutputFile, Owner, Sink, WriteResult
-from secret_init.sources import Reading, read_all
+from secret_init.sources import read_all
 from secret_init.sources.files import FileSource
 from secret_init.sources.vault import VaultSource
 
@@ -51,13 +51,13 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_cli
     owner_lock = sink.claim()  # before any lease exists: one output dir, one lease owner
     files = FileSource(cfg.swarm_dir, cfg.output.max_secret_size)
     vault = VaultSource(lambda: vault_login(cfg, environ), cfg.output.max_secret_size)
-    # Local files first: cheap, and a mistake there is reported even when Vault is down.
-    reading = read_all(cfg.secrets, [(("swarm", "file"), files), (("vault",), vault)])
     try:
+        # Local files first: cheap, and a mistake there is reported even when Vault is down.
+        reading = read_all(cfg.secrets, [(("swarm", "file"), files), (("vault",), vault)])
         reading.raise_first()
         written = sink.write(output_files(reading.materials, owners))
     except BaseException:
-        discard(vault.client, reading)  # with a supplied token its leases would outlive us
+        discard(vault)  # with a supplied token its leases would outlive us
         raise
     done = Materialized(user, reading.materials, written, sink, owners, vault.client, owner_lock)
     if vault.client is None or keep_client:
@@ -69,12 +69,12 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_cli
     return done._replace(client=None)
 
 
-def discard(client: "VaultClient | None", reading: Reading) -> None:
-    """Revoke what a reading made (its leases, and a token we logged in for)."""
-    if client is not None:
-        for lease_id in sorted(set(reading.lease_ids)):
-            client.revoke_lease_quietly(lease_id)
-        client.revoke_own_token()
+def discard(vault: VaultSource) -> None:
+    """Revoke what a failed start made: every lease issued, and a token we logged in for."""
+    if vault.client is not None:
+        for lease_id in sorted(set(vault.issued)):
+            vault.client.revoke_lease_quietly(lease_id)
+        vault.client.revoke_own_token()
 
 
 def vault_login(cfg: Config, environ: Mapping[str, str]) -> "VaultClient":

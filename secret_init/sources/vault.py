@@ -29,6 +29,7 @@ class VaultSource:
         self.connect = connect
         self.max_size = max_size
         self.client: VaultClient | None = None
+        self.issued: list[str] = []  # every lease any read made, as it arrived
 
     def read(self, specs: Sequence[SecretSpec]) -> Reading:
         reading = Reading([], [], [])
@@ -49,6 +50,7 @@ class VaultSource:
                 continue
             if secret.lease is not None:
                 reading.lease_ids.append(secret.lease.lease_id)
+                self.issued.append(secret.lease.lease_id)
             try:
                 reading.materials.extend(self._render_group(secret, group))
             except SecretInitError as e:
