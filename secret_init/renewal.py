@@ -159,11 +159,15 @@ def _backoff(errors: int, rng: random.Random) -> float:
 
 
 def after_error(lease: LeaseState, now: float, rng: random.Random) -> LeaseState:
-    """Back off with jitter, but try once more shortly before expiry rather than after it."""
+    """Back off with jitter, but try once more shortly before expiry rather than after it.
+
+    Once: a retry made within the last second is not pulled in again (that would halve the
+    gap to expiry on every failure), unless it is the first failure of a short lease.
+    """
     errors = lease.errors + 1
     retry = now + _backoff(errors, rng)
     last_chance = lease.expires_at - min(1.0, (lease.expires_at - now) / 2)
-    if now < last_chance < retry:
+    if now < last_chance < retry and (lease.errors == 0 or now < lease.expires_at - 1.0):
         retry = last_chance
     return lease._replace(errors=errors, next_renewal=retry)
 
@@ -567,8 +571,8 @@ class Renewer(threading.Thread):
         try:
             self._learn_token()
         except SecretInitError as e:
-            # Its limits unknown: renew it soon, and never log in again for this.
-            self.token = TokenState(renewable=True, ttl=self.token.ttl, next_renewal=now + 1)
+            # Its limits unknown: look it up again after a backoff, as at the start.
+            self.token = token_failed(token_unknown(now), "lookup", now, self.rng)
             log.warning("could not look up the new token", error=str(e))
 
     def _tend_refresh(self, now: float) -> None:
