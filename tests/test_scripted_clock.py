@@ -5,28 +5,21 @@ rotate, back off, give up) in milliseconds, with answers a real server cannot gi
 demand (an outage that lasts exactly until expiry, a refused probe). The same flows run
 against a real OpenBao and PostgreSQL, in real time, in test_leases.py and test_tls_rotation.py.
 Nothing sleeps: the clock is a number, the renewer is stepped by hand (`Renewer.step`),
-and the loop takes one event at a time (`Supervised.step(0)`).
+and the loop takes one event at a time (`Supervised.step(0)`). The clock, the scripted
+Vault and the sidecar scene are test_schedule.py's, which tests more of the same.
 """
 
 import itertools
-import math
 import random
-from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from secret_init import privileges
-from secret_init.config import Config, load_text
 from secret_init.errors import PermissionRefusedError, VaultUnavailableError
-from secret_init.loop import Supervised
-from secret_init.materialize import Materialized, output_files
-from secret_init.model import Hidden, Lease, Material
+from secret_init.model import Lease
 from secret_init.renewal import (
     FAR,
     TTL_GRANULARITY,
-    Renewer,
     Rotate,
     TokenState,
     rotate_at,
@@ -35,110 +28,20 @@ from secret_init.renewal import (
     token_learned,
     token_renewed,
 )
-from secret_init.sink import Owner, Sink
-from secret_init.vault import TokenInfo, VaultSecret
-
-PATH = "database/creds/app"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class ScriptedVault:
-    """The VaultClient methods the renewer and the loop call, answering from scripts.
-
-    Each script is a list consumed front to back: a value is returned, an exception raised;
-    when a script runs dry its default answers. Every call is recorded with the clock's time.
-    """
-
-    def __init__(self, clock: Clock, token: TokenInfo | None = None) -> None:
-        self.clock = clock
-        self.token = token or TokenInfo(0, False, math.inf)  # a token that never expires
-        self.owns_token = False
-        self.calls: list[tuple[str, float, str]] = []
-        self.probes: list[Any] = []  # (max_remaining, ttl) or an exception
-        self.renewals: list[Any] = []  # ttl or an exception
-        self.reads: list[Any] = []  # an exception, or None for a fresh lease
-        self.issued = 1
-
-    def _next(self, script: list[Any], default: Any) -> Any:
-        answer = script.pop(0) if script else default
-        if isinstance(answer, BaseException):
-            raise answer
-        return answer
-
-    def end_startup(self) -> None:
-        pass
-
-    def token_info(self) -> TokenInfo:
-        self.calls.append(("lookup", self.clock.now, ""))
-        return self.token
-
-    def renew_token(self, increment: float) -> float:
-        self.calls.append(("renew_token", self.clock.now, ""))
-        return increment
-
-    def login(self) -> None:
-        self.calls.append(("login", self.clock.now, ""))
-
-    def probe_lease(self, lease_id: str, duration: float) -> tuple[float, float]:
-        self.calls.append(("probe", self.clock.now, lease_id))
-        max_remaining, ttl = self._next(self.probes, (1000.0, duration))
-        return float(max_remaining), float(ttl)
-
-    def renew_lease(self, lease_id: str, increment: float) -> float:
-        self.calls.append(("renew", self.clock.now, lease_id))
-        return float(self._next(self.renewals, increment))
-
-    def revoke_lease_quietly(self, lease_id: str) -> bool:
-        self.calls.append(("revoke", self.clock.now, lease_id))
-        return True
-
-    def revoke_own_token(self) -> None:
-        pass
-
-    def read(self, path: str, purpose: str) -> VaultSecret:
-        self._next(self.reads, None)
-        self.issued += 1
-        lease_id = f"lease-{self.issued}"
-        self.calls.append(("read", self.clock.now, lease_id))
-        fields = {"username": f"user-{self.issued}", "password": f"pw-{self.issued}"}
-        return VaultSecret(path, fields, Lease(lease_id, 10.0, True, self.clock.now))
-
-    def called(self, name: str) -> list[tuple[float, str]]:
-        return [(at, what) for call, at, what in self.calls if call == name]
-
+from secret_init.vault import TokenInfo
+from tests.test_schedule import DB, Clock, FakeVault, Scene, drive, new_renewer
 
 # -- the renewer alone ---------------------------------------------------------------------
-
-
-def renewer(vault: ScriptedVault, clock: Clock, rotate_before: float | None = None) -> tuple[Renewer, list[object]]:
-    posted: list[object] = []
-    r = Renewer(vault, posted.append, rotate_before, 300.0, clock, random.Random(7))  # type: ignore[arg-type]
-    return r, posted
-
-
-def run_until(r: Renewer, clock: Clock, end: float, stop: Callable[[], bool] = lambda: False) -> None:
-    """Step the renewer at each time it asks for, up to `end` (or until `stop()`)."""
-    wake = r.step()
-    while wake <= end and not stop():
-        clock.now = max(clock.now, wake)
-        wake = r.step()
 
 
 def test_renewals_land_at_the_lifetime_watcher_point() -> None:
     """After the probe, each renewal comes at 2/3 of the remaining TTL plus a third of a 10-20% grace."""
     clock = Clock()
-    vault = ScriptedVault(clock)
-    r, posted = renewer(vault, clock)
+    vault = FakeVault(clock)
+    r, posted = new_renewer(vault, clock)
     r.look_up_token()
-    r.track(PATH, Lease("l1", 30.0, True, 0.0))
-    run_until(r, clock, 200.0)
+    r.track(DB, Lease("l1", 30.0, True, 0.0))
+    drive(r, clock, 200.0)
     probes, renewals = vault.called("probe"), vault.called("renew")
     assert [at for at, _ in probes] == [pytest.approx(18.0)], "probed at the earliest rotation 30 s could allow"
     # The probe renewed back to 30 s, and every renewal asks for 30 s again.
@@ -152,27 +55,27 @@ def test_renewals_land_at_the_lifetime_watcher_point() -> None:
 def test_a_capped_ttl_rotates_before_the_deadline() -> None:
     """The probe finds the max TTL 30 s away: Rotate is posted at rotate_at, before that deadline."""
     clock = Clock()
-    vault = ScriptedVault(clock)
+    vault = FakeVault(clock)
     vault.probes = [(30.0, 30.0)]
-    r, posted = renewer(vault, clock)
+    r, posted = new_renewer(vault, clock)
     r.look_up_token()
-    r.track(PATH, Lease("l1", 30.0, True, 0.0))
-    run_until(r, clock, 100.0, stop=lambda: bool(posted))
-    lease = r.snapshot()[PATH]
+    r.track(DB, Lease("l1", 30.0, True, 0.0))
+    drive(r, clock, 100.0, stop=lambda: bool(posted))
+    lease = r.snapshot()[DB]
     assert lease.deadline == pytest.approx(18.0 + 30.0 - TTL_GRANULARITY)
-    assert posted == [Rotate(PATH, "l1", "rotate_before reached")]
+    assert posted == [Rotate(DB, "l1", "rotate_before reached")]
     assert clock.now == pytest.approx(rotate_at(lease, None)) and clock.now < lease.deadline
 
 
 def test_the_tokens_max_ttl_is_the_leases_deadline() -> None:
     """A token with 40 s to its max TTL: a lease it made dies with it, so it rotates before the token's end."""
     clock = Clock()
-    vault = ScriptedVault(clock, TokenInfo(ttl=20.0, renewable=True, max_remaining=40.0))
-    r, posted = renewer(vault, clock)
-    r.track(PATH, Lease("l1", 30.0, True, 0.0))
+    vault = FakeVault(clock, TokenInfo(ttl=20.0, renewable=True, max_remaining=40.0))
+    r, posted = new_renewer(vault, clock)
+    r.track(DB, Lease("l1", 30.0, True, 0.0))
     r.look_up_token()  # as the loop does: track, then learn the token and cap
-    run_until(r, clock, 100.0, stop=lambda: bool(posted))
-    lease = r.snapshot()[PATH]
+    drive(r, clock, 100.0, stop=lambda: bool(posted))
+    lease = r.snapshot()[DB]
     token_end = 40.0 - TTL_GRANULARITY
     assert lease.token_deadline == lease.deadline == pytest.approx(token_end)
     assert posted and isinstance(posted[0], Rotate) and clock.now < token_end - 10, "well before the token's end"
@@ -182,32 +85,32 @@ def test_the_tokens_max_ttl_is_the_leases_deadline() -> None:
 def test_a_refused_probe_rotates_at_once_and_only_once() -> None:
     """Vault refuses the probe (the lease was revoked): one Rotate, "renewal refused", not repeated."""
     clock = Clock()
-    vault = ScriptedVault(clock)
+    vault = FakeVault(clock)
     vault.probes = [PermissionRefusedError("lease not found")]
-    r, posted = renewer(vault, clock)
+    r, posted = new_renewer(vault, clock)
     r.look_up_token()
-    r.track(PATH, Lease("l1", 30.0, True, 0.0))
-    run_until(r, clock, 29.0)
-    assert posted == [Rotate(PATH, "l1", "renewal refused")]
+    r.track(DB, Lease("l1", 30.0, True, 0.0))
+    drive(r, clock, 29.0)
+    assert posted == [Rotate(DB, "l1", "renewal refused")]
     assert len(vault.called("probe")) == 1 and vault.called("renew") == []
 
 
 def test_an_outage_backs_off_within_expiry_then_recovers() -> None:
     """Renewals fail three times (Vault down): retries back off, never past expiry, then the schedule resumes."""
     clock = Clock()
-    vault = ScriptedVault(clock)
-    r, posted = renewer(vault, clock)
+    vault = FakeVault(clock)
+    r, posted = new_renewer(vault, clock)
     r.look_up_token()
-    r.track(PATH, Lease("l1", 30.0, True, 0.0))
-    run_until(r, clock, 18.0)  # the probe
-    expiry = r.snapshot()[PATH].expires_at
+    r.track(DB, Lease("l1", 30.0, True, 0.0))
+    drive(r, clock, 18.0)  # the probe
+    expiry = r.snapshot()[DB].expires_at
     vault.renewals = [VaultUnavailableError("down")] * 3
-    run_until(r, clock, 200.0, stop=lambda: len(vault.called("renew")) >= 5)
+    drive(r, clock, 200.0, stop=lambda: len(vault.called("renew")) >= 5)
     attempts = [at for at, _ in vault.called("renew")]
     failures, recovered = attempts[:3], attempts[3]
     assert all(at < expiry for at in attempts[:4]), "every retry lands before the old expiry"
     assert failures[1] - failures[0] <= failures[2] - failures[1] + 1.0, "backing off"
-    assert r.snapshot()[PATH].errors == 0, "a success clears the errors"
+    assert r.snapshot()[DB].errors == 0, "a success clears the errors"
     assert 21.0 <= attempts[4] - recovered <= 22.0, "then renewals follow the usual rule"
     assert posted == []
 
@@ -236,77 +139,20 @@ def test_token_schedule_is_a_pure_function_of_its_state() -> None:
 # -- the loop with the renewer -----------------------------------------------------------------
 
 
-class Scene:
-    """A sidecar loop (no child process) on a scripted clock, with its files in `out`."""
-
-    def __init__(self, tmp_path: Path, on_expiry: str = "stop") -> None:
-        self.clock = Clock()
-        self.vault = ScriptedVault(self.clock)
-        self.out = tmp_path / "out"
-        cfg = load_text(
-            f'[output]\ndir = "{self.out}"\nallow_non_tmpfs = true\n'
-            '[vault]\naddr = "http://127.0.0.1:1"\n'
-            f'[process]\nstop_timeout = "2s"\non_expiry = "{on_expiry}"\n'
-            f'[[secret]]\nname = "db_user"\nsource = "vault:{PATH}#username"\n'
-            f'[[secret]]\nname = "db_password"\nsource = "vault:{PATH}#password"\n',
-            "scripted.toml",
-            {},
-        )
-        self.loop = Supervised(cfg, self._materialized(cfg), None, {}, clock=self.clock, threaded=False)
-        # waitpid(-1) here would reap pytest's own children (the session's servers): no child here to reap.
-        self.loop.supervisor.reap = lambda: False  # type: ignore[method-assign]
-
-    def _materialized(self, cfg: Config) -> Materialized:
-        user = privileges.resolve(None)
-        sink = Sink(cfg.output.dir, user.gid, True)
-        sink.prepare()
-        owners = {s.name: Owner(user.uid, user.gid) for s in cfg.secrets}
-        lease = Lease("lease-1", 10.0, True, 0.0)
-        materials = [
-            Material(cfg.secrets[0], Hidden(b"user-1"), lease),
-            Material(cfg.secrets[1], Hidden(b"pw-1"), lease),
-        ]
-        written = sink.write(output_files(materials, owners))
-        return Materialized(user, materials, written, sink, owners, self.vault, -1)  # type: ignore[arg-type]
-
-    def begin(self) -> Renewer:
-        self.loop.begin()
-        assert self.loop.renewer is not None
-        self.loop.renewer.rng = random.Random(5)
-        return self.loop.renewer
-
-    def run_until(self, end: float, stop: Callable[[], bool] = lambda: False) -> None:
-        """Advance the clock from duty to duty (the renewer's and the loop's), handling every event."""
-        renewer = self.loop.renewer
-        assert renewer is not None
-        while not stop() and not self.loop.stopping:
-            wake = min(renewer.step(), self.clock.now + self.loop._wait_time())
-            while not self.loop.events.empty():
-                self.loop.step(0)
-            if wake > end:
-                break
-            self.clock.now = max(self.clock.now, wake)
-            self.loop.step(0)
-
-    def file(self, name: str) -> str:
-        return (self.out / name).read_text()
-
-
 @pytest.fixture
-def scene(tmp_path: Path) -> Iterator[Scene]:
-    s = Scene(tmp_path)
-    yield s
+def scene(tmp_path: Path) -> Scene:
+    return Scene(tmp_path)
 
 
 def test_a_capped_lease_is_rotated_files_rewritten_and_the_old_lease_revoked(scene: Scene) -> None:
     """Probe finds a 6 s max TTL: the loop reads again, rewrites both files, tracks the new lease, revokes the old."""
     scene.vault.probes = [(6.0, 6.0)]
     renewer = scene.begin()
-    scene.run_until(30.0, stop=lambda: bool(scene.vault.called("revoke")))
-    read_at, new_lease = scene.vault.called("read")[0]
+    scene.run(30.0, stop=lambda: bool(scene.vault.called("revoke")))
+    [read_at] = scene.vault.times("read")
     assert (scene.file("db_user"), scene.file("db_password")) == ("user-2", "pw-2")
-    assert renewer.snapshot()[PATH].lease_id == new_lease == "lease-2"
-    assert renewer.snapshot()[PATH].rotated_at == read_at
+    assert renewer.snapshot()[DB].lease_id == "lease-2"
+    assert renewer.snapshot()[DB].rotated_at == read_at
     revoked_at, revoked = scene.vault.called("revoke")[0]
     assert revoked == "lease-1" and revoked_at == pytest.approx(read_at + 2.0), "a sidecar's app gets stop_timeout"
     probed_at = scene.vault.called("probe")[0][0]
@@ -319,7 +165,7 @@ def test_an_outage_until_expiry_stops_with_75(scene: Scene) -> None:
     scene.vault.renewals = [VaultUnavailableError("down")] * 100
     scene.vault.reads = [VaultUnavailableError("down")] * 100
     scene.begin()
-    scene.run_until(60.0)
+    scene.run(60.0)
     assert scene.loop.stopping and scene.loop.forced_exit == 75
     assert scene.clock.now == pytest.approx(10.0), "acted on at the expiry itself"
     assert scene.file("db_user") == "user-1", "nothing new was written"
@@ -327,15 +173,15 @@ def test_an_outage_until_expiry_stops_with_75(scene: Scene) -> None:
 
 def test_an_outage_until_expiry_keeps_running_with_keep(tmp_path: Path) -> None:
     """on_expiry = "keep": the loop keeps running past expiry and goes on trying to rotate, then succeeds."""
-    scene = Scene(tmp_path, on_expiry="keep")
+    scene = Scene(tmp_path, extra='on_expiry = "keep"')
     scene.vault.probes = [VaultUnavailableError("down")] * 100
     scene.vault.renewals = [VaultUnavailableError("down")] * 100
     scene.vault.reads = [VaultUnavailableError("down")] * 3
     renewer = scene.begin()
-    scene.run_until(120.0, stop=lambda: renewer.snapshot()[PATH].lease_id != "lease-1")
+    scene.run(120.0, stop=lambda: renewer.snapshot()[DB].lease_id != "lease-1")
     assert not scene.loop.stopping and scene.loop.forced_exit is None
     assert scene.clock.now > 10.0, "past the old lease's expiry"
-    assert len(scene.vault.called("read")) == 1 and scene.file("db_password") == "pw-2", "the fourth read won"
+    assert len(scene.vault.called("read")) == 4 and scene.file("db_password") == "pw-2", "the fourth read won"
 
 
 def test_a_rotation_whose_read_fails_is_retried_then_succeeds(scene: Scene) -> None:
@@ -351,9 +197,9 @@ def test_a_rotation_whose_read_fails_is_retried_then_succeeds(scene: Scene) -> N
         original_post(event)
 
     renewer.post = post
-    scene.run_until(30.0, stop=lambda: renewer.snapshot()[PATH].lease_id != "lease-1")
+    scene.run(30.0, stop=lambda: renewer.snapshot()[DB].lease_id != "lease-1")
     assert [e.reason for e in events if isinstance(e, Rotate)] == [
         "rotate_before reached",
         "retry after a failed rotation",
     ]
-    assert scene.file("db_user") == "user-2" and renewer.snapshot()[PATH].lease_id == "lease-2"
+    assert scene.file("db_user") == "user-2" and renewer.snapshot()[DB].lease_id == "lease-2"
