@@ -197,10 +197,10 @@ class Supervised:
     def _read(self, path: str, why: str) -> list[Material] | None:
         client = self.client
         assert client is not None
-        source = VaultSource(lambda: client, self.cfg.output.max_secret_size)  # one per read: it keeps no history
+        source = VaultSource(lambda: client, self.cfg.output.max_secret_size)  # one per read: `issued` is its
         reading = source.read([s for s in self.cfg.vault_specs if s.source.path == path])
         if reading.failures:
-            for lease_id in reading.lease_ids:  # unusable: do not leave credentials alive
+            for lease_id in source.issued:  # unusable: do not leave credentials alive
                 self._revoke(lease_id)
             log.warning("vault read failed", path=path, purpose=why, error=str(reading.failures[0][1]))
             return None

@@ -62,7 +62,7 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_cli
     done = Materialized(user, reading.materials, written, sink, owners, vault.client, owner_lock)
     if vault.client is None or keep_client:
         return done
-    if leased := sorted(set(reading.lease_ids)):  # they die with the token: it must outlive us
+    if leased := sorted(set(vault.issued)):  # they die with the token: it must outlive us
         log.warning("leased secrets are not renewed after render; they expire with their TTL", leases=leased)
     else:
         vault.client.revoke_own_token()

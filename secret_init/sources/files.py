@@ -28,7 +28,7 @@ class FileSource:
         self.max_size = max_size
 
     def read(self, specs: Sequence[SecretSpec]) -> Reading:
-        reading = Reading([], [], [])
+        reading = Reading([], [])
         for spec in specs:
             try:
                 reading.materials.append(self._read_one(spec))

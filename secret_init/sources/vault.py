@@ -32,7 +32,7 @@ class VaultSource:
         self.issued: list[str] = []  # every lease any read made, as it arrived
 
     def read(self, specs: Sequence[SecretSpec]) -> Reading:
-        reading = Reading([], [], [])
+        reading = Reading([], [])
         try:
             if self.client is None:
                 self.client = self.connect()
@@ -49,7 +49,6 @@ class VaultSource:
                 reading.failures.append((group[0], e))
                 continue
             if secret.lease is not None:
-                reading.lease_ids.append(secret.lease.lease_id)
                 self.issued.append(secret.lease.lease_id)
             try:
                 reading.materials.extend(self._render_group(secret, group))
