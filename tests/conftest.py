@@ -160,6 +160,8 @@ def app_user() -> Iterator[UnixUser]:
         )  # fmt: skip
     entry = pwd.getpwnam(APP_USER)
     yield UnixUser(APP_USER, entry.pw_uid, entry.pw_gid, grp.getgrnam(EXTRA_GROUP).gr_gid, entry.pw_dir)
+    if os.environ.get("SITEST_KEEP_USER"):  # several test sessions at once share the user
+        return
     subprocess.run(["userdel", APP_USER], check=False)
     for group in (EXTRA_GROUP, APP_GROUP):
         subprocess.run(["groupdel", group], check=False)
