@@ -2,6 +2,25 @@
 
 Nothing here is a mock. Tests that need root (mounts, users, privilege drop) skip with
 a reason when not run as root; CI runs as root, so there they all run.
+
+The session-wide leak hunt and the hostile figures (tests/figures.py, docs/testing.md):
+
+- `register_secret(value, source="test")`: a value the hunt looks for in every recorded output.
+  `random_secret()`, every bao root token, AppRole role_id/secret_id, the PostgreSQL password and
+  `make_test_ca` keys are registered here already; register what else a test learns (a password
+  Vault issued, read from an output file). Credential-named files a `tmpfs`/`disk_dir` fixture
+  holds at teardown are registered too.
+- `record_output(text, label)`: a text secret-init (or the app through it) produced. `run_cli`
+  records its stdout and stderr; call it for output a test captures itself (Popen, a probe report).
+  Status files in `tmpfs`/`disk_dir` fixtures are recorded at teardown.
+- `record_process(pid, label, environ=True)`: /proc/PID/cmdline and environ of a live process.
+- `@pytest.mark.hostile(cls)`: the test is a hostile case of class `cls`, one of "config",
+  "filesystem", "vault-answers", "app-user", "signals", "faults"; counted in .test-figures/hostile.json.
+- `record_cases(cls, n=1, rejected_codes=())`: a fuzz test's `n` inputs of class `cls`, and the exit
+  codes of the refused ones (call it once per example, or once with the totals).
+
+At session end every recorded text is searched for every value, raw and encoded (base64 at any
+alignment, hex, URL- and JSON-escaped); a find fails the session. Figures: .test-figures/*.json.
 """
 
 import grp
@@ -25,6 +44,13 @@ from typing import Any
 
 import pytest
 
+from tests import figures
+from tests.figures import harvest_output_dir as harvest_output_dir
+from tests.figures import record_cases as record_cases
+from tests.figures import record_output as record_output
+from tests.figures import record_process as record_process
+from tests.figures import register_secret as register_secret
+
 REPO = Path(__file__).resolve().parent.parent
 IS_ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root: mounts, users and privilege drop are real")
@@ -33,6 +59,10 @@ APP_PYTHON = "/usr/bin/python3"
 APP_USER = "sitest-app"
 APP_GROUP = "sitest-app"
 EXTRA_GROUP = "sitest-extra"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    figures.install(config)
 
 
 # -- running the real CLI -------------------------------------------------------
@@ -45,8 +75,8 @@ def base_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run `python -m secret_init ARGS` as a real process, capturing stdout and stderr."""
-    return subprocess.run(
+    """Run `python -m secret_init ARGS` as a real process, capturing stdout and stderr (for the leak hunt too)."""
+    result = subprocess.run(
         [sys.executable, "-m", "secret_init", *args],
         env=dict(env if env is not None else base_env()),
         cwd=REPO,
@@ -55,6 +85,9 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 6
         timeout=timeout,
         check=False,
     )
+    record_output(result.stdout, "run_cli stdout")
+    record_output(result.stderr, "run_cli stderr")
+    return result
 
 
 def log_events(stderr: str) -> list[dict[str, Any]]:
@@ -79,7 +112,7 @@ def secret_files(directory: Path) -> list[str]:
 
 
 def random_secret(prefix: str = "s") -> str:
-    return f"{prefix}-{secrets.token_urlsafe(18)}"
+    return register_secret(f"{prefix}-{secrets.token_urlsafe(18)}", "random_secret")
 
 
 # -- filesystems --------------------------------------------------------------
@@ -96,6 +129,7 @@ def mounted_tmpfs(size: str) -> Iterator[Path]:
     try:
         yield mountpoint
     finally:
+        harvest_output_dir(mountpoint)
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
         shutil.rmtree(mountpoint, ignore_errors=True)
 
@@ -119,6 +153,7 @@ def disk_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="si-disk-", dir="/tmp"))
     path.chmod(0o755)
     yield path
+    harvest_output_dir(path)
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -242,6 +277,8 @@ class Bao:
         role_id = self.client.auth.approle.read_role_id(role)["data"]["role_id"]
         secret_id = self.client.auth.approle.generate_secret_id(role)["data"]["secret_id"]
         role_file, secret_file = directory / "role_id", directory / "secret_id"
+        register_secret(role_id, "approle role_id")
+        register_secret(secret_id, "approle secret_id")
         role_file.write_text(role_id)
         secret_file.write_text(secret_id)
         return role_file, secret_file, secret_id
@@ -299,7 +336,7 @@ def start_bao(state: Path, tls: bool = False, extra_config: str = "") -> tuple[s
     audit_log = state / "audit.log"
     extra = state / "audit.hcl"
     extra.write_text(f'audit "file" "file" {{\n  options {{\n    file_path = "{audit_log}"\n  }}\n}}\n{extra_config}')
-    port, token = free_port(), secrets.token_hex(16)
+    port, token = free_port(), register_secret(secrets.token_hex(16), "bao root token")
     args = [binary, "server", "-dev", f"-dev-listen-address=127.0.0.1:{port}", f"-dev-root-token-id={token}",
             "-dev-no-store-token", f"-config={extra}"]  # fmt: skip
     if tls:
@@ -390,7 +427,7 @@ def start_postgres(bin_dir: Path) -> Postgres:
     """A throwaway cluster on 127.0.0.1, run as the postgres user (initdb refuses root)."""
     base = Path(tempfile.mkdtemp(prefix="si-pg-", dir="/tmp"))
     shutil.chown(base, "postgres")
-    password = secrets.token_hex(16)
+    password = register_secret(secrets.token_hex(16), "postgres password")
     pwfile = base / "pw"
     pwfile.write_text(password)
     shutil.chown(pwfile, "postgres")
@@ -520,6 +557,8 @@ def make_test_ca(directory: Path) -> OwnCA:
          "-days", "1", "-extfile", str(ext), "-out", str(cert)],
         check=True, capture_output=True,
     )  # fmt: skip
+    for pem in (ca_key, key):
+        register_secret(pem.read_text().strip(), "test CA key")
     return OwnCA(ca_cert, cert, key)
 
 
