@@ -149,7 +149,7 @@ class HostileFigures:
     def add_cases(self, nodeid: str, cls: str, n: int, rejected_codes: Iterable[int]) -> None:
         self.classes_of.setdefault(nodeid, cls)
         self.recorded[nodeid] += n
-        self.codes.setdefault(nodeid, Counter()).update(rejected_codes)
+        self.codes.setdefault(nodeid, Counter()).update(int(code) for code in rejected_codes)
 
     def note_outcome(self, report: pytest.TestReport) -> None:
         if report.nodeid not in self.classes_of:

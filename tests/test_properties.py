@@ -3,12 +3,14 @@
 import contextlib
 import os
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from secret_init.config import MAX_NAME_BYTES, parse_reference, validate_name
 from secret_init.errors import ConfigError, MissingFieldError
 from secret_init.template import parse_template
+from tests.conftest import record_cases
 
 segment = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-.@", min_size=1, max_size=12).filter(
     lambda s: s not in (".", "..")
@@ -26,13 +28,16 @@ def test_vault_references_round_trip(path: str, field_or_none: str | None) -> No
     assert str(ref) == text
 
 
+@pytest.mark.hostile("config")
 @given(st.text(max_size=80))
 def test_any_text_parses_or_raises_config_error(text: str) -> None:
     """No input crashes the parser; what it accepts never escapes upwards or hides."""
     try:
         ref = parse_reference(text)
-    except ConfigError:
+    except ConfigError as e:
+        record_cases("config", 1, [e.exit_code])
         return
+    record_cases("config")
     assert ref.kind in ("swarm", "file", "vault")
     if ref.kind == "vault":
         assert ".." not in ref.path.split("/") and not ref.path.startswith("/")
@@ -40,9 +45,11 @@ def test_any_text_parses_or_raises_config_error(text: str) -> None:
         assert validate_name(ref.path) is None
 
 
+@pytest.mark.hostile("filesystem")
 @given(st.text(min_size=0, max_size=300))
 def test_an_accepted_name_stays_inside_the_output_dir(name: str) -> None:
     """A valid name is one path component: joined to the dir, it names a child of the dir."""
+    record_cases("filesystem")
     if validate_name(name) is not None:
         return
     joined = os.path.normpath(os.path.join("/run/app-secrets", name))
@@ -52,8 +59,10 @@ def test_an_accepted_name_stays_inside_the_output_dir(name: str) -> None:
     assert 0 < len(name.encode("utf-8", "surrogatepass")) <= MAX_NAME_BYTES
 
 
+@pytest.mark.hostile("filesystem")
 @given(st.text(alphabet="./\x00ab", min_size=1, max_size=6))
 def test_traversal_shapes_are_refused(name: str) -> None:
+    record_cases("filesystem")
     if "/" in name or "\x00" in name or name.startswith("."):
         assert validate_name(name) is not None
 
@@ -80,7 +89,9 @@ def test_templates_render_literals_and_fields_in_order(pieces: list[tuple[str, s
             raise AssertionError("a missing field rendered")
 
 
+@pytest.mark.hostile("config")
 @given(st.text(max_size=40))
 def test_template_parsing_never_crashes(text: str) -> None:
+    record_cases("config")
     with contextlib.suppress(ConfigError):
         parse_template(text)
