@@ -28,6 +28,7 @@ from tests.conftest import (
     base_env,
     log_events,
     needs_root,
+    record_output,
     run_cli,
     serve_http,
     stop_http,
@@ -128,6 +129,8 @@ class Run:
         self.lines += [json.loads(line) for line in out.splitlines() if line.startswith("{")]
         self.stderr += err
         self.logs += log_events(err)
+        record_output(self.stdout, "app stdout through secret-init")
+        record_output(self.stderr, "secret-init stderr")
         return self.proc.returncode
 
     def events(self, name: str) -> list[dict[str, Any]]:
@@ -232,6 +235,7 @@ def test_rotation_restarts_ahead_of_expiry_with_no_failed_probe(
     assert after.returncode == 1 and "stopped" in after.stdout
 
 
+@pytest.mark.hostile("vault-answers")
 def test_refused_renewal_rotates(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
 ) -> None:
@@ -271,6 +275,7 @@ def test_on_rotate_signal_reloads_without_restart(
     assert [p for p in run.events("probe") if not p["ok"]] == []
 
 
+@pytest.mark.hostile("faults")
 def test_vault_outage_then_recovery_then_expiry(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
 ) -> None:
@@ -306,6 +311,7 @@ def test_vault_outage_then_recovery_then_expiry(
     assert not [p for p in run.events("probe")[:-3] if not p["ok"]], "probes pass while credentials are valid"
 
 
+@pytest.mark.hostile("faults")
 def test_on_expiry_keep_runs_on_and_recovers_when_vault_returns(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
 ) -> None:
@@ -360,6 +366,7 @@ def test_token_relogin_before_its_max_ttl_and_leases_follow(
     assert [p for p in run.events("probe") if not p["ok"]] == []
 
 
+@pytest.mark.hostile("faults")
 def test_a_failed_start_leaves_no_lease_even_with_a_supplied_token(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser
 ) -> None:
@@ -500,6 +507,7 @@ def _ts(text: str) -> float:
     return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
+@pytest.mark.hostile("vault-answers")
 def test_a_token_its_policy_may_not_look_up_ends_the_start_with_77(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
 ) -> None:
@@ -569,6 +577,7 @@ def failing_lookup(database: Database) -> Iterator[FailingLookupProxy]:
     stop_http(proxy.server)
 
 
+@pytest.mark.hostile("faults")
 def test_a_token_lookup_that_fails_at_start_is_retried_and_leases_follow(
     database: Database,
     failing_lookup: FailingLookupProxy,

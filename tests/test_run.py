@@ -24,6 +24,7 @@ from tests.conftest import (
     log_events,
     needs_root,
     random_secret,
+    record_output,
     run_cli,
     secret_files,
     write_config,
@@ -95,12 +96,15 @@ def run_probe(scene: Scene, cfg: Path, probe: list[str], env: dict[str, str]) ->
         preexec_fn=_core_limit_for_test,
     )  # fmt: skip
     stdout, stderr = proc.communicate(timeout=60)
+    record_output(stdout, "app stdout through secret-init")
+    record_output(stderr, "secret-init stderr")
     assert proc.returncode == 0, stderr
     report = json.loads(stdout)
     assert report["pid"] == proc.pid, "the app must replace secret-init (exec), not run as its child"
     return report, stdout, stderr
 
 
+@pytest.mark.hostile("app-user")
 def test_run_materializes_drops_and_execs(scene: Scene, app_user: UnixUser, probe: list[str]) -> None:
     """The app runs as the user, cannot regain root, sees paths in *_FILE and no Vault settings."""
     cfg = scene.config(f'user = "{app_user.name}"', 'scrub_env = ["INTERNAL_*", "EXTRA_SECRET"]')
@@ -165,6 +169,7 @@ def test_bare_uid_gid_gets_no_supplementary_groups(scene: Scene, probe: list[str
     assert "USER" not in report["env"] and "LOGNAME" not in report["env"]
 
 
+@pytest.mark.hostile("config")
 def test_root_app_is_refused_unless_allowed(scene: Scene, probe: list[str]) -> None:
     refused = run_cli("run", "--config", str(scene.config()), "--", "/bin/true", env=scene.env())
     assert refused.returncode == 77, refused.stderr
@@ -204,6 +209,7 @@ def _replace_with_fifo(path: Path) -> None:
     os.mkfifo(path)
 
 
+@pytest.mark.hostile("config")
 @pytest.mark.parametrize(
     ("mutate", "code", "message"),
     [
@@ -223,6 +229,7 @@ def test_bad_sources_fail_without_writing_anything(
     assert secret_files(scene.out) == []
 
 
+@pytest.mark.hostile("config")
 def test_every_failing_source_is_reported_and_the_first_sets_the_code(
     scene: Scene, app_user: UnixUser, bao_unreachable_addr: str
 ) -> None:
@@ -245,6 +252,7 @@ def bao_unreachable_addr() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
+@pytest.mark.hostile("filesystem")
 def test_non_tmpfs_output_is_refused(scene: Scene, disk_dir: Path, app_user: UnixUser) -> None:
     scene.out = disk_dir / "out"
     result = run_cli("render", "--config", str(scene.config(f'user = "{app_user.name}"')), env=scene.env())
@@ -256,6 +264,7 @@ def test_non_tmpfs_output_is_refused(scene: Scene, disk_dir: Path, app_user: Uni
     assert (scene.out / "db_password").read_text() == scene.db_password
 
 
+@pytest.mark.hostile("config")
 @pytest.mark.parametrize(
     ("args", "code", "message"),
     [
@@ -274,6 +283,7 @@ def test_exit_codes(scene: Scene, app_user: UnixUser, args: list[str], code: int
     assert message in result.stderr
 
 
+@pytest.mark.hostile("config")
 def test_not_executable_is_126(scene: Scene, app_user: UnixUser) -> None:
     script = scene.workdir / "not-executable.sh"
     script.write_text("#!/bin/sh\nexit 0\n")
@@ -283,12 +293,14 @@ def test_not_executable_is_126(scene: Scene, app_user: UnixUser) -> None:
     assert result.returncode == 126, result.stderr
 
 
+@pytest.mark.hostile("config")
 def test_unknown_user_is_67(scene: Scene) -> None:
     result = run_cli("render", "--config", str(scene.config('user = "no-such-user-xyz"')), env=scene.env())
     assert result.returncode == 67
     assert "no-such-user-xyz" in result.stderr
 
 
+@pytest.mark.hostile("config")
 def test_config_errors_are_78_and_one_line(scene: Scene) -> None:
     cfg = scene.config(secrets_extra='\n[[secret]]\nname = "../escape"\nsource = "swarm:x"\n')
     result = run_cli("render", "--config", str(cfg), env=scene.env())
@@ -319,6 +331,7 @@ def test_check_reports_rows_and_writes_nothing(scene: Scene, app_user: UnixUser)
     assert "does not exist" in next(line for line in bad.stdout.splitlines() if line.startswith("db_password"))
 
 
+@pytest.mark.hostile("filesystem")
 def test_check_reports_a_non_tmpfs_dir(scene: Scene, disk_dir: Path, app_user: UnixUser) -> None:
     scene.out = disk_dir / "out"
     result = run_cli("check", "--config", str(scene.config(f'user = "{app_user.name}"')), env=scene.env())
@@ -404,6 +417,7 @@ def test_without_root_files_belong_to_the_caller_and_no_drop_happens(
     assert "without root" in other.stderr
 
 
+@pytest.mark.hostile("app-user")
 def test_same_uid_cannot_read_secret_init_memory_or_environ(
     scene: Scene, app_user: UnixUser, user_can_run_secret_init: str
 ) -> None:
@@ -443,6 +457,7 @@ def test_same_uid_cannot_read_secret_init_memory_or_environ(
     assert_no_leak(seen + rest, token)
 
 
+@pytest.mark.hostile("filesystem")
 def test_full_output_tmpfs_is_73_and_keeps_old_files(small_tmpfs: Path, workdir: Path, app_user: UnixUser) -> None:
     big = workdir / "big"
     big.write_bytes(os.urandom(200_000))
@@ -493,6 +508,8 @@ def test_a_supervised_app_gets_its_core_limit_back(scene: Scene, app_user: UnixU
         preexec_fn=_core_limit_for_test,
     )  # fmt: skip
     stdout, stderr = proc.communicate(timeout=60)
+    record_output(stdout, "app stdout through secret-init")
+    record_output(stderr, "secret-init stderr")
     assert proc.returncode == 0, stderr
     report = json.loads(stdout)
     assert report["pid"] != proc.pid, "supervised: the app is a child, not an exec"
@@ -530,6 +547,7 @@ time.sleep(60)
 """
 
 
+@pytest.mark.hostile("signals")
 def test_a_stop_requested_during_a_restart_is_acted_on_at_once(workdir: Path) -> None:
     """SIGTERM mid-restart: forwarded at once, no new app started, no wait for stop_timeout (5 s)."""
     ready = workdir / "ready"

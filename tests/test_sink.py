@@ -74,6 +74,7 @@ def test_changed_mode_alone_rewrites(tmpfs: Path) -> None:
     assert stat.S_IMODE((tmpfs / "s" / "a").stat().st_mode) == 0o440
 
 
+@pytest.mark.hostile("filesystem")
 def test_a_symlink_at_the_destination_is_replaced_not_followed(tmpfs: Path) -> None:
     victim = tmpfs / "victim"
     victim.write_text("do not touch")
@@ -86,6 +87,7 @@ def test_a_symlink_at_the_destination_is_replaced_not_followed(tmpfs: Path) -> N
     assert (out / "a").read_bytes() == b"secret-data"
 
 
+@pytest.mark.hostile("filesystem")
 def test_a_symlinked_output_dir_is_refused(tmpfs: Path) -> None:
     real = tmpfs / "real"
     real.mkdir()
@@ -96,6 +98,7 @@ def test_a_symlinked_output_dir_is_refused(tmpfs: Path) -> None:
     assert info.value.exit_code == ExitCode.NO_PERMISSION
 
 
+@pytest.mark.hostile("filesystem")
 def test_a_directory_in_the_way_fails_before_anything_changes(tmpfs: Path) -> None:
     sink = ready_sink(tmpfs / "s")
     sink.write([out_file("a", b"old")])
@@ -106,6 +109,7 @@ def test_a_directory_in_the_way_fails_before_anything_changes(tmpfs: Path) -> No
     assert temp_files(tmpfs / "s") == []
 
 
+@pytest.mark.hostile("filesystem")
 def test_full_disk_keeps_old_files_and_leaves_no_temp(small_tmpfs: Path) -> None:
     """A real 64 KiB tmpfs runs out of space: every old file stays, no temp file remains."""
     sink = ready_sink(small_tmpfs / "s")
@@ -134,6 +138,7 @@ def test_a_second_writer_waits_for_the_first(tmpfs: Path) -> None:
     assert not writer.is_alive() and (out / "a").read_bytes() == b"x"
 
 
+@pytest.mark.hostile("filesystem")
 def test_stale_temp_files_are_removed(tmpfs: Path) -> None:
     out = tmpfs / "s"
     out.mkdir()
@@ -142,6 +147,7 @@ def test_stale_temp_files_are_removed(tmpfs: Path) -> None:
     assert temp_files(out) == []
 
 
+@pytest.mark.hostile("filesystem")
 def test_non_tmpfs_is_refused_naming_the_mount(disk_dir: Path) -> None:
     with pytest.raises(PermissionRefusedError) as info:
         Sink(str(disk_dir / "out"), 0, False).check_filesystem()

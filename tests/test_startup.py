@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from secret_init import cli
 from tests.conftest import REPO, UnixUser, base_env, log_events, needs_root, random_secret, write_config
 
@@ -82,6 +84,7 @@ def _tree(root: Path, mode: int, owner: int = 0) -> Path:
     return leaf
 
 
+@pytest.mark.hostile("filesystem")
 @needs_root
 def test_import_paths_others_could_change_are_forgotten(tmp_path: Path, app_user: UnixUser) -> None:
     """Group- or world-writable, owned by another user, or under such a directory: all dropped."""
@@ -122,6 +125,7 @@ sys.exit(code)
 """
 
 
+@pytest.mark.hostile("app-user")
 @needs_root
 def test_a_supervisor_imports_nothing_once_the_app_runs(tmp_path: Path, app_user: UnixUser) -> None:
     """Every module the supervisor needs (psutil at shutdown, status, renewal) is imported before the app starts."""
@@ -146,6 +150,7 @@ def test_a_supervisor_imports_nothing_once_the_app_runs(tmp_path: Path, app_user
     assert imports["late"] == [], f"imported as root after the app started: {imports['late']}"
 
 
+@pytest.mark.hostile("filesystem")
 @needs_root
 def test_a_library_found_only_on_a_path_others_could_change_is_a_clear_error(tmp_path: Path) -> None:
     """structlog reachable only through a group-writable directory: exit 78 and one line naming it, no traceback."""

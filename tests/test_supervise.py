@@ -23,6 +23,7 @@ from tests.conftest import (
     log_events,
     needs_root,
     random_secret,
+    record_output,
     write_config,
 )
 
@@ -155,13 +156,16 @@ def stop(proc: subprocess.Popen[str]) -> str:
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
     try:
-        _, stderr = proc.communicate(timeout=15)
+        stdout, stderr = proc.communicate(timeout=15)
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
+    record_output(stdout, "app stdout through secret-init")
+    record_output(stderr, "secret-init stderr")
     return stderr
 
 
+@pytest.mark.hostile("signals")
 def test_every_forwarded_signal_reaches_the_app_and_sigchld_does_not(
     supervised: tuple[subprocess.Popen[str], dict[str, object]],
 ) -> None:
@@ -177,6 +181,7 @@ def test_every_forwarded_signal_reaches_the_app_and_sigchld_does_not(
     assert proc.wait(10) == 0
 
 
+@pytest.mark.hostile("app-user")
 def test_the_app_runs_as_the_user_and_cannot_read_the_supervisor(
     supervised: tuple[subprocess.Popen[str], dict[str, object]], app_user: UnixUser
 ) -> None:
@@ -192,6 +197,7 @@ def test_the_app_runs_as_the_user_and_cannot_read_the_supervisor(
     assert "NoNewPrivs:\t1" in status
 
 
+@pytest.mark.hostile("signals")
 @pytest.mark.parametrize(("mode", "code"), [("exit7", 7), ("kill9", 137)])
 def test_exit_codes(supervised_config: Path, signal_app: list[str], mode: str, code: int) -> None:
     proc = start(supervised_config, [*signal_app, mode])
@@ -199,6 +205,7 @@ def test_exit_codes(supervised_config: Path, signal_app: list[str], mode: str, c
     assert proc.returncode == code
 
 
+@pytest.mark.hostile("signals")
 def test_orphaned_grandchildren_are_reaped(supervised_config: Path, signal_app: list[str]) -> None:
     """Grandchildren orphaned by the app are re-parented to secret-init (a subreaper) and reaped.
 
@@ -288,16 +295,19 @@ def assert_stopped_after_stop_timeout(config: Path, app: list[str], mode: str, l
         kill_survivor(pidfd)
 
 
+@pytest.mark.hostile("signals")
 def test_leftovers_are_terminated_then_killed(supervised_config: Path, signal_app: list[str]) -> None:
     """The app exits leaving a child that ignores SIGTERM: SIGKILL after stop_timeout (1 s)."""
     assert_stopped_after_stop_timeout(supervised_config, signal_app, "leftover", "child")
 
 
+@pytest.mark.hostile("signals")
 def test_a_daemon_that_left_the_group_is_stopped_too(supervised_config: Path, signal_app: list[str]) -> None:
     """tini#180: a grandchild that called setsid escapes killpg; as subreaper secret-init still stops it."""
     assert_stopped_after_stop_timeout(supervised_config, signal_app, "escaped", "daemon")
 
 
+@pytest.mark.hostile("signals")
 def test_as_pid_1_in_a_new_pid_namespace(supervised_config: Path, signal_app: list[str]) -> None:
     """Under `unshare --pid`, secret-init is PID 1: signals still reach the app, SIGTERM ends it."""
     proc = start(supervised_config, [*signal_app, "echo"], prefix=("unshare", "--pid", "--fork", "--mount-proc"))
@@ -317,6 +327,7 @@ def test_as_pid_1_in_a_new_pid_namespace(supervised_config: Path, signal_app: li
         stop(proc)
 
 
+@pytest.mark.hostile("app-user")
 def test_a_module_planted_in_the_working_directory_is_never_imported_as_root(
     supervised_config: Path, workdir: Path, app_user: UnixUser
 ) -> None:

@@ -16,6 +16,7 @@ def test_field_names_may_hold_dots_and_dashes() -> None:
     assert parse_template("${api-key}/${a.b}").render({"api-key": "1", "a.b": "2"}) == "1/2"
 
 
+@pytest.mark.hostile("config")
 def test_missing_field_is_an_error_not_an_empty_string() -> None:
     t = parse_template("${username}:${password}")
     with pytest.raises(MissingFieldError) as info:
@@ -24,6 +25,7 @@ def test_missing_field_is_an_error_not_an_empty_string() -> None:
     assert "password" in str(info.value)
 
 
+@pytest.mark.hostile("config")
 @pytest.mark.parametrize("bad", ["$x", "${}", "${a b}", "${unclosed", "trailing $", "${a}$"])
 def test_stray_dollars_are_config_errors(bad: str) -> None:
     with pytest.raises(ConfigError):

@@ -151,6 +151,7 @@ def test_token_auth_from_bao_env_and_token_file(setup: Setup) -> None:
     assert (setup.out / "k").read_text() == setup.v2["stripe_key"]
 
 
+@pytest.mark.hostile("config")
 def test_missing_token_is_a_config_error(setup: Setup) -> None:
     cfg = write_config(
         setup.workdir,
@@ -162,6 +163,7 @@ def test_missing_token_is_a_config_error(setup: Setup) -> None:
     assert "VAULT_TOKEN" in result.stderr
 
 
+@pytest.mark.hostile("vault-answers")
 @pytest.mark.parametrize("shape", ["field", "template"])
 def test_missing_field_is_65_and_nothing_is_written(setup: Setup, shape: str) -> None:
     broken = (
@@ -182,6 +184,7 @@ def test_missing_field_is_65_and_nothing_is_written(setup: Setup, shape: str) ->
     assert_no_leak(result.stderr, *setup.values())
 
 
+@pytest.mark.hostile("vault-answers")
 def test_vault_value_over_max_secret_size_is_65(setup: Setup) -> None:
     cfg = setup.config(
         f'[[secret]]\nname = "big"\nsource = "vault:{setup.v2_path}#stripe_key"\n',
@@ -193,6 +196,7 @@ def test_vault_value_over_max_secret_size_is_65(setup: Setup) -> None:
     assert not (setup.out / "big").exists()
 
 
+@pytest.mark.hostile("vault-answers")
 def test_forbidden_path_is_77_not_retried_and_names_path_not_token(setup: Setup) -> None:
     setup.bao.client.secrets.kv.v2.create_or_update_secret(path=f"forbidden/{setup.key}", secret={"k": "v"})
     path = f"secret/data/forbidden/{setup.key}"
@@ -206,6 +210,7 @@ def test_forbidden_path_is_77_not_retried_and_names_path_not_token(setup: Setup)
     assert_no_leak(result.stderr, setup.secret_id, setup.bao.root_token)
 
 
+@pytest.mark.hostile("vault-answers")
 def test_absent_path_is_66(setup: Setup) -> None:
     cfg = setup.config(f'[[secret]]\nname = "gone"\nsource = "vault:secret/data/app/absent-{setup.key}#k"\n')
     result = run_cli("render", "--config", str(cfg), env=base_env())
@@ -213,6 +218,7 @@ def test_absent_path_is_66(setup: Setup) -> None:
     assert f"secret/data/app/absent-{setup.key}" in result.stderr
 
 
+@pytest.mark.hostile("vault-answers")
 def test_bad_approle_secret_id_is_77(setup: Setup) -> None:
     setup.secret_file.write_text(random_secret("wrong"))
     cfg = setup.config(f'[[secret]]\nname = "k"\nsource = "vault:{setup.v2_path}#stripe_key"\n')
@@ -222,6 +228,7 @@ def test_bad_approle_secret_id_is_77(setup: Setup) -> None:
     assert_no_leak(result.stderr, setup.secret_file.read_text())
 
 
+@pytest.mark.hostile("faults")
 def test_vault_down_exits_69_within_startup_timeout(setup: Setup) -> None:
     """Nothing listens on the port: secret-init retries with backoff, then gives up at the bound."""
     dead = f"http://127.0.0.1:{free_port()}"
@@ -242,6 +249,7 @@ def test_vault_down_exits_69_within_startup_timeout(setup: Setup) -> None:
     assert not setup.out.exists() or secret_files(setup.out) == []
 
 
+@pytest.mark.hostile("app-user")
 def test_run_with_vault_keeps_vault_out_of_the_app(setup: Setup, app_user: UnixUser, probe: list[str]) -> None:
     cfg = setup.config(
         f'[[secret]]\nname = "stripe_key"\nsource = "vault:{setup.v2_path}#stripe_key"\nenv = "STRIPE_KEY_FILE"\n',
@@ -281,6 +289,7 @@ def test_check_asks_capabilities_and_reads_no_value(setup: Setup) -> None:
     assert_no_leak(result.stdout + result.stderr, *setup.values())
 
 
+@pytest.mark.hostile("faults")
 def test_check_reports_vault_down(setup: Setup) -> None:
     cfg = setup.config(f'[[secret]]\nname = "k"\nsource = "vault:{setup.v2_path}#stripe_key"\n')
     cfg.write_text(cfg.read_text().replace(setup.bao.addr, f"http://127.0.0.1:{free_port()}").replace('"5s"', '"1s"'))

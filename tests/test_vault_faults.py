@@ -82,6 +82,7 @@ def config(workdir: Path, out: Path, addr: str, auth: str) -> Path:
     )
 
 
+@pytest.mark.hostile("faults")
 def test_unmapped_5xx_is_retried_then_69(fake_504: FakeVault, tmpfs: Path, workdir: Path) -> None:
     """A 504 from a proxy in front of Vault is transient: retried until startup_timeout."""
     token = random_secret("tok")
@@ -94,6 +95,7 @@ def test_unmapped_5xx_is_retried_then_69(fake_504: FakeVault, tmpfs: Path, workd
     assert token not in result.stderr
 
 
+@pytest.mark.hostile("faults")
 def test_login_is_not_repeated_after_a_read_timeout(fake_silent: FakeVault, tmpfs: Path, workdir: Path) -> None:
     """The server took the login and never answered: a single-use secret_id may be spent, so no retry."""
     result = run_cli("render", "--config", str(config(workdir, tmpfs / "out", fake_silent.addr, "approle")))
@@ -102,6 +104,7 @@ def test_login_is_not_repeated_after_a_read_timeout(fake_silent: FakeVault, tmpf
     assert "timed out" in result.stderr
 
 
+@pytest.mark.hostile("faults")
 def test_a_read_is_repeated_after_a_read_timeout(fake_silent: FakeVault, tmpfs: Path, workdir: Path) -> None:
     result = run_cli("render", "--config", str(config(workdir, tmpfs / "out", fake_silent.addr, "token")),
                      env=base_env(VAULT_TOKEN=random_secret("tok")))  # fmt: skip

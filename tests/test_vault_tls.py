@@ -56,6 +56,7 @@ def test_ca_cert_verifies_the_server(tls_bao: tuple[str, str, Path, str], tmpfs:
     assert (tmpfs / "out" / "k").read_text() == value
 
 
+@pytest.mark.hostile("vault-answers")
 def test_unknown_ca_fails_at_once_with_69(tls_bao: tuple[str, str, Path, str], tmpfs: Path, workdir: Path) -> None:
     """Without ca_cert the dev CA is untrusted: a clear TLS error, no retry, nothing written."""
     addr, token, _, value = tls_bao
