@@ -16,12 +16,13 @@ import bisect
 import json
 import os
 import stat
+import subprocess
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -358,3 +359,20 @@ def _register_secret_fields(content: str, name: str) -> None:
     for key, value in document.items():
         if isinstance(value, str) and any(hint in str(key).lower() for hint in SECRET_NAME_HINTS):
             register_secret(value, f"output file:{name}.{key}")
+
+
+class DockerCli(Protocol):
+    def docker(self, *args: str, check: bool = True) -> "subprocess.CompletedProcess[str]": ...
+
+
+def record_image_histories(engine: DockerCli) -> None:
+    """`docker history --no-trunc` and the config of every image on a test engine, before it goes away.
+
+    Build arguments and ENV lines stay in an image for anyone who pulls it.
+    """
+    listed = engine.docker("image", "ls", "--quiet", "--no-trunc", check=False)
+    for image_id in sorted(set(listed.stdout.split())):
+        history = engine.docker("history", "--no-trunc", image_id, check=False)
+        record_output(history.stdout + history.stderr, f"docker history {image_id[:19]}")
+        inspected = engine.docker("image", "inspect", image_id, check=False)
+        record_output(inspected.stdout, f"docker image inspect {image_id[:19]}")

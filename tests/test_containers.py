@@ -17,6 +17,7 @@ import pytest
 
 from tests.conftest import PROBE, REPO, Bao, Database, assert_no_leak, random_secret
 from tests.engine import Engine, build_image, engine_missing, start_engine, stop_engine
+from tests.figures import record_image_histories
 from tests.test_leases import DB_APP
 
 HARDENED = [
@@ -35,6 +36,7 @@ def engine() -> Iterator[Engine]:
     try:
         yield engine
     finally:
+        record_image_histories(engine)  # for the session's leak hunt, while the daemon still runs
         stop_engine(engine)
 
 
