@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import pytest
 
 HOSTILE_CLASSES = ("config", "filesystem", "vault-answers", "app-user", "signals", "faults")
-FIGURES_DIR = Path(__file__).resolve().parent.parent / ".test-figures"
+FIGURES_DIR = Path(__file__).resolve().parent.parent / ".test-figures"  # SITEST_FIGURES_DIR overrides
 # Shorter needles (a partial base64 group, a 4-byte hex string) would match by chance.
 MIN_NEEDLE = 12
 # Output files bigger than this are filler (a full tmpfs), not credentials.
@@ -207,10 +207,11 @@ class FiguresPlugin:
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         leaks = find_leaks(self.leaks.values, self.leaks.texts)  # again: teardowns record too
-        FIGURES_DIR.mkdir(exist_ok=True)
-        (FIGURES_DIR / ".gitignore").write_text("*\n")
-        write_json(FIGURES_DIR / "leak-hunt.json", self.leak_figures(leaks))
-        write_json(FIGURES_DIR / "hostile.json", self.hostile_figures())
+        directory = Path(os.environ.get("SITEST_FIGURES_DIR") or FIGURES_DIR)
+        directory.mkdir(exist_ok=True)
+        (directory / ".gitignore").write_text("*\n")  # figures of one run, never committed
+        write_json(directory / "leak-hunt.json", self.leak_figures(leaks))
+        write_json(directory / "hostile.json", self.hostile_figures())
         new = [leak for leak in leaks if leak not in (self.hunted or [])]
         if new:
             reporter = session.config.pluginmanager.get_plugin("terminalreporter")

@@ -9,6 +9,8 @@ import base64
 import json
 import os
 import secrets
+import subprocess
+import sys
 import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests import figures
-from tests.conftest import random_secret, run_cli
+from tests.conftest import REPO, base_env, random_secret, run_cli
 from tests.figures import LeakRegistry, encodings, find_leaks, harvest_output_dir
 
 # Each encoding, applied to a value, as a careless log line would carry it.
@@ -121,6 +123,43 @@ def test_the_bao_root_token_is_registered(bao: object) -> None:
     plugin = figures.current()
     assert plugin is not None
     assert "bao root token" in plugin.leaks.values.values()
+
+
+INNER_CONFTEST = """
+from tests.figures import install
+def pytest_configure(config):
+    install(config)
+"""
+
+# A leak recorded by a fixture's teardown, after the session's last test: only pytest_sessionfinish sees it.
+INNER_TESTS = """
+import pytest
+from tests.figures import record_output, register_secret
+@pytest.fixture(scope="module")
+def late_leak():
+    value = register_secret("late-" + "Zq8xW3vB9kPm2RtY7nLs4Hd", "planted")
+    yield
+    record_output(LEAKED_FORM, "teardown log")
+def test_passes(late_leak):
+    pass
+"""
+
+
+@pytest.mark.parametrize(("leaked_form", "code"), [("f'token={value}'", 1), ("'nothing to see'", 0)])
+def test_a_leak_recorded_after_the_last_test_fails_the_session(tmp_path: Path, leaked_form: str, code: int) -> None:
+    (tmp_path / "conftest.py").write_text(INNER_CONFTEST)
+    (tmp_path / "test_inner.py").write_text(INNER_TESTS.replace("LEAKED_FORM", leaked_form))
+    figures_dir = tmp_path / "figures"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        env=base_env(PYTHONPATH=str(REPO), SITEST_FIGURES_DIR=str(figures_dir)),
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == code, result.stdout[-2000:]
+    assert ("LEAK HUNT" in result.stdout) == bool(code)
+    hunt = json.loads((figures_dir / "leak-hunt.json").read_text())
+    assert (hunt["values_collected"], hunt["leaks_found"]) == (1, code)
+    assert hunt["texts_searched"] == 1
 
 
 @pytest.mark.leak_hunt_last
