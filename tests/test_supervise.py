@@ -24,6 +24,7 @@ from tests.conftest import (
     needs_root,
     random_secret,
     record_output,
+    record_process,
     write_config,
 )
 
@@ -146,6 +147,8 @@ def supervised(
     proc = start(supervised_config, [*signal_app, "echo"], VAULT_TOKEN=random_secret("tok"))
     try:
         hello = json.loads(readline(proc.stdout))
+        record_process(int(hello["ready"]), "the supervised app")  # its environ must hold no token
+        record_process(proc.pid, "secret-init", environ=False)  # its environ holds the test's VAULT_TOKEN
         yield proc, hello
     finally:
         stop(proc)
