@@ -17,7 +17,8 @@ The session-wide leak hunt and the hostile figures (tests/figures.py, docs/testi
 - `@pytest.mark.hostile(cls)`: the test is a hostile case of class `cls`, one of "config",
   "filesystem", "vault-answers", "app-user", "signals", "faults"; counted in .test-figures/hostile.json.
 - `record_cases(cls, n=1, rejected_codes=())`: a fuzz test's `n` inputs of class `cls`, and the exit
-  codes of the refused ones (call it once per example, or once with the totals).
+  codes of the refused ones (call it once per example, or once with the totals). In a hostile test,
+  `run_cli` adds each non-zero exit code it sees by itself.
 
 At session end every recorded text is searched for every value, raw and encoded (base64 at any
 alignment, hex, URL- and JSON-escaped); a find fails the session. Figures: .test-figures/*.json.
@@ -87,6 +88,7 @@ def run_cli(*args: str, env: Mapping[str, str] | None = None, timeout: float = 6
     )
     record_output(result.stdout, "run_cli stdout")
     record_output(result.stderr, "run_cli stderr")
+    figures.note_exit_code(result.returncode)
     return result
 
 

@@ -144,13 +144,15 @@ class HostileFigures:
     classes_of: dict[str, str] = field(default_factory=dict)  # nodeid -> hostile class
     recorded: Counter[str] = field(default_factory=Counter)  # nodeid -> cases recorded by the test
     codes: dict[str, Counter[int]] = field(default_factory=dict)  # nodeid -> exit codes it recorded
-    unmarked_records: Counter[str] = field(default_factory=Counter)  # class -> cases from unmarked tests
+    seen_codes: dict[str, Counter[int]] = field(default_factory=dict)  # nodeid -> non-zero codes run_cli saw
     outcome_of: dict[str, str] = field(default_factory=dict)  # nodeid -> passed/failed/skipped
 
     def add_cases(self, nodeid: str, cls: str, n: int, rejected_codes: Iterable[int]) -> None:
         self.classes_of.setdefault(nodeid, cls)
         self.recorded[nodeid] += n
-        self.codes.setdefault(nodeid, Counter()).update(int(code) for code in rejected_codes)
+        codes = [int(code) for code in rejected_codes]
+        if codes:
+            self.codes.setdefault(nodeid, Counter()).update(codes)
 
     def note_outcome(self, report: pytest.TestReport) -> None:
         if report.nodeid not in self.classes_of:
@@ -169,7 +171,8 @@ class HostileFigures:
             figures[cls].outcomes[outcome] += 1
             if outcome != "skipped":
                 figures[cls].cases[outcome] += self.recorded.get(nodeid) or 1  # a plain test is one case
-            figures[cls].rejected_exit_codes.update(self.codes.get(nodeid, Counter()))
+            # A test that records its codes knows which were refusals; else what run_cli saw.
+            figures[cls].rejected_exit_codes.update(self.codes.get(nodeid) or self.seen_codes.get(nodeid, Counter()))
         return figures
 
 
@@ -301,6 +304,13 @@ def record_cases(cls: str, n: int = 1, rejected_codes: Iterable[int] = ()) -> No
     plugin = current()
     if plugin is not None:
         plugin.hostile.add_cases(plugin.nodeid, cls, n, rejected_codes)
+
+
+def note_exit_code(code: int) -> None:
+    """An exit code secret-init gave the running test; a refusal (non-zero) counts for a hostile test."""
+    plugin = current()
+    if plugin is not None and code != 0 and plugin.nodeid in plugin.hostile.classes_of:
+        plugin.hostile.seen_codes.setdefault(plugin.nodeid, Counter())[code] += 1
 
 
 def record_process(pid: int, label: str = "process", environ: bool = True) -> None:

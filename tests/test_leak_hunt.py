@@ -162,6 +162,71 @@ def test_a_leak_recorded_after_the_last_test_fails_the_session(tmp_path: Path, l
     assert hunt["texts_searched"] == 1
 
 
+INNER_HOSTILE_TESTS = """
+import sys, subprocess, pytest
+from tests.conftest import record_cases, run_cli
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize("n", [1, 2])
+def test_fuzz(n):
+    for _ in range(n):
+        record_cases("config", 3, [78, 78, 65])
+
+@pytest.mark.hostile("config")
+def test_plain_fails():
+    assert False
+
+@pytest.mark.hostile("faults")
+def test_skipped():
+    pytest.skip("not here")
+
+@pytest.mark.hostile("filesystem")
+def test_plain_run_cli_codes():
+    assert run_cli("no-such-command").returncode == 64
+
+def test_unmarked_fuzz():
+    record_cases("signals", 5)
+
+def test_not_hostile():
+    pass
+"""
+
+
+def test_hostile_figures_count_tests_cases_and_exit_codes(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text(INNER_CONFTEST)
+    (tmp_path / "test_inner.py").write_text(INNER_HOSTILE_TESTS)
+    figures_dir = tmp_path / "figures"
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        env=base_env(PYTHONPATH=str(REPO), SITEST_FIGURES_DIR=str(figures_dir)),
+        cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert "1 failed, 5 passed, 1 skipped" in result.stdout, result.stdout[-2000:]
+    hostile = json.loads((figures_dir / "hostile.json").read_text())
+    assert hostile["config"] == {
+        "tests": {"passed": 2, "failed": 1},
+        "cases_tried": 3 + 6 + 1,
+        "cases_by_test_outcome": {"passed": 9, "failed": 1},
+        "rejected_exit_codes": {"65": 3, "78": 6},
+    }
+    assert hostile["faults"]["tests"] == {"skipped": 1} and hostile["faults"]["cases_tried"] == 0
+    assert hostile["filesystem"]["rejected_exit_codes"] == {"64": 1}
+    assert hostile["signals"]["cases_tried"] == 5
+    assert set(hostile) == set(figures.HOSTILE_CLASSES)
+
+
+def test_an_unknown_hostile_class_is_a_usage_error(tmp_path: Path) -> None:
+    (tmp_path / "conftest.py").write_text(INNER_CONFTEST)
+    (tmp_path / "test_inner.py").write_text('import pytest\n@pytest.mark.hostile("sql")\ndef test_x():\n    pass\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+        env=base_env(PYTHONPATH=str(REPO), SITEST_FIGURES_DIR=str(tmp_path / "figures")),
+        cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == pytest.ExitCode.USAGE_ERROR, result.stdout + result.stderr
+    assert "'sql'" in result.stderr
+
+
 @pytest.mark.leak_hunt_last
 def test_no_recorded_output_holds_a_secret() -> None:
     """Runs last: every value registered this session, in every encoding, against every recorded output."""
