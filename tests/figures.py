@@ -33,6 +33,7 @@ MIN_NEEDLE = 12
 # Output files bigger than this are filler (a full tmpfs), not credentials.
 MAX_HARVEST_BYTES = 64 * 1024
 SECRET_NAME_HINTS = ("pass", "secret", "token", "key", "cred")
+STATE_DIR = ".secret-init"  # in an output dir: status.json and locks, never a value
 
 
 # -- encodings --------------------------------------------------------------------
@@ -329,7 +330,7 @@ def record_process(pid: int, label: str = "process", environ: bool = True) -> No
 
 
 def harvest_output_dir(directory: Path) -> None:
-    """Register the credentials secret-init wrote under `directory` and record its status files.
+    """Register the credentials secret-init wrote under `directory`; record its `.secret-init/` files.
 
     Only files whose names look like credentials (or such fields of a JSON file) are registered:
     a user name is not a secret, and the apps print theirs.
@@ -340,8 +341,8 @@ def harvest_output_dir(directory: Path) -> None:
             content = _read_regular_file(path)
             if content is None:
                 continue
-            if name == "status.json":  # secret-init's own report: searched, never a source of values
-                record_output(content, "status.json")
+            if os.path.basename(root) == STATE_DIR:  # secret-init's own state, readable by the app's group
+                record_output(content, "status.json" if name == "status.json" else f"{STATE_DIR}/{name}")
                 continue
             if any(hint in name.lower() for hint in SECRET_NAME_HINTS):
                 register_secret(content, f"output file:{name}")

@@ -95,14 +95,17 @@ def test_output_files_register_their_credentials_and_are_not_searched(tmp_path: 
     (tmp_path / "db_password").write_text(password)
     (tmp_path / "db_user").write_text(user)  # not a credential: apps print their user names
     (tmp_path / "creds.json").write_text(json.dumps({"username": user, "api_token": password + "x"}))
-    (tmp_path / "state").mkdir()
-    (tmp_path / "state" / "status.json").write_text(json.dumps({"ok": True, "note": password}))
+    (tmp_path / "out" / ".secret-init").mkdir(parents=True)
+    (tmp_path / "out" / ".secret-init" / "status.json").write_text(json.dumps({"ok": True, "note": password}))
+    (tmp_path / "out" / ".secret-init" / "owner.lock").write_text("")
+    (tmp_path / "status.json").write_text(json.dumps({"api_token": password + "y"}))  # an app's file named so
     (tmp_path / "elsewhere").symlink_to("/etc/passwd")
     before = len(plugin.leaks.texts)
     try:
         harvest_output_dir(tmp_path)
         assert plugin.leaks.values.get(password) == "output file:db_password"
         assert plugin.leaks.values.get(password + "x") == "output file:creds.json.api_token"
+        assert plugin.leaks.values.get(password + "y") == "output file:status.json.api_token"
         assert user not in plugin.leaks.values
         new_texts = plugin.leaks.texts[before:]
         assert [label.split(":")[0] for label, _ in new_texts] == ["status.json"]
