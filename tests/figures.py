@@ -350,15 +350,19 @@ def harvest_output_dir(directory: Path) -> None:
 
 
 def _read_regular_file(path: str) -> str | None:
+    """The text of a regular file; None for anything else a hostile test left (a FIFO, a symlink)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO must not block the teardown
     except OSError:
         return None
     with os.fdopen(fd, "rb") as f:
         info = os.fstat(f.fileno())
         if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_HARVEST_BYTES:
             return None
-        return f.read().decode(errors="replace")
+        try:
+            return f.read().decode(errors="replace")
+        except OSError:
+            return None
 
 
 def _register_secret_fields(content: str, name: str) -> None:

@@ -100,6 +100,7 @@ def test_output_files_register_their_credentials_and_are_not_searched(tmp_path: 
     (tmp_path / "out" / ".secret-init" / "owner.lock").write_text("")
     (tmp_path / "status.json").write_text(json.dumps({"api_token": password + "y"}))  # an app's file named so
     (tmp_path / "elsewhere").symlink_to("/etc/passwd")
+    os.mkfifo(tmp_path / "a_secret_fifo")  # nobody writes to it: opening it must not block
     before = len(plugin.leaks.texts)
     try:
         harvest_output_dir(tmp_path)
