@@ -9,7 +9,8 @@ The session-wide leak hunt and the hostile figures (tests/figures.py, docs/testi
   `random_secret()`, every bao root token, AppRole role_id/secret_id, the PostgreSQL password and
   `make_test_ca` keys are registered here already; register what else a test learns (a password
   Vault issued, read from an output file). Credential-named files a `tmpfs`/`disk_dir` fixture
-  holds at teardown are registered too.
+  holds at teardown are registered too. So `random_secret()` is for secret values only: a name or
+  path made with it that secret-init rightly prints would be reported as a leak.
 - `record_output(text, label)`: a text secret-init (or the app through it) produced. `run_cli`
   records its stdout and stderr; call it for output a test captures itself (Popen, a probe report).
   Status files in `tmpfs`/`disk_dir` fixtures are recorded at teardown.
