@@ -12,7 +12,7 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Annotated, NamedTuple, NoReturn, TypeVar
 
-from secret_init.errors import ConfigError
+from secret_init.errors import ConfigError, PermissionRefusedError
 
 if TYPE_CHECKING:
     from secret_init.template import Template
@@ -21,8 +21,14 @@ DEFAULT_CONFIG_PATH = "/etc/secret-init/config.toml"
 DEFAULT_OUTPUT_DIR = "/run/app-secrets"
 DEFAULT_SWARM_DIR = "/run/secrets"
 DEFAULT_MAX_SECRET_SIZE = 1024 * 1024
+MAX_SECRET_SIZE_LIMIT = 64 * 1024 * 1024  # the largest max_secret_size: a secret is read into memory whole
 MAX_CONFIG_SIZE = 1024 * 1024
 MAX_NAME_BYTES = 255
+MAX_DURATION = 365 * 86400.0  # any duration: far beyond a sane one, far below what time arithmetic overflows on
+# A secret file's mode: owner read, optionally owner write, optionally group read; never others.
+ALLOWED_MODES = (0o400, 0o440, 0o600, 0o640)
+# Control, format (bidi overrides, zero-width), line/paragraph separator, surrogate, private and unassigned.
+UNPRINTABLE_CATEGORIES = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 
 # The sink takes over its directory (owner, mode, stray temp files): never one of these.
 SHARED_DIRS = frozenset(
@@ -37,11 +43,11 @@ SCRUBBED_ENV_PREFIXES = ("VAULT_", "BAO_", "SECRET_INIT_")
 # that never needs one never pays for it.
 _ENV_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _USER_NAME = r"[A-Za-z_][A-Za-z0-9_.\-]*\$?"
-_UID_GID = r"(\d+):(\d+)"
-_DURATION_PART = r"(\d+(?:\.\d+)?)(ms|s|m|h|d)"
+_UID_GID = r"([0-9]+):([0-9]+)"  # ASCII digits: \d matches other scripts' digits too
+_DURATION_PART = r"([0-9]+(?:\.[0-9]+)?)(ms|s|m|h|d)"
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _VAULT_PATH_CHARS = r"[A-Za-z0-9_.\-/@+=:,~]+"
-_VAULT_ADDR = r"https?://[^\s/]+/?"
+_VAULT_ADDR = r"https?://[^\s/?#@]+/?"
 SOURCE_KINDS = ("swarm", "file", "vault")
 
 
@@ -62,6 +68,22 @@ class SourceRef(NamedTuple):
 # Validators return None when the value is fine, or the reason it is not.
 
 
+def unprintable(text: str) -> str | None:
+    """The first control or format character (NUL, C1, bidi overrides, U+2028...): never in a name, path or log line."""
+    import unicodedata
+
+    for offset, char in enumerate(text):
+        if unicodedata.category(char) in UNPRINTABLE_CATEGORIES:
+            return f"must not contain control or format characters (U+{ord(char):04X} at offset {offset})"
+    return None
+
+
+def validate_path(path: str) -> str | None:
+    if not path.startswith("/"):
+        return "must be an absolute path"
+    return unprintable(path)
+
+
 def validate_name(name: str) -> str | None:
     """A secret name is one plain file name inside output.dir."""
     if name == "":
@@ -72,8 +94,8 @@ def validate_name(name: str) -> str | None:
         return "must not contain NUL"
     if name.startswith("."):
         return "must not start with '.' (no hidden files, no '..')"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in name):
-        return "must not contain control characters"
+    if reason := unprintable(name):
+        return reason
     if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
         return f"must be at most {MAX_NAME_BYTES} bytes"
     return None
@@ -101,13 +123,15 @@ def parse_reference(text: str) -> SourceRef:
         reason = validate_name(rest)
         return _reject(f"swarm secret name {reason}") if reason else SourceRef("swarm", rest)
     if kind == "file":
-        bad = not rest.startswith("/") or "\x00" in rest
-        return _reject("file: needs an absolute path") if bad else SourceRef("file", rest)
+        reason = validate_path(rest)
+        return _reject(f"file: path {reason}") if reason else SourceRef("file", rest)
     path, hash_sep, field = rest.partition("#")
     if reason := _vault_path_problem(path):
         raise ConfigError(f"vault path {reason}")
     if hash_sep and (field == "" or "#" in field):
         raise ConfigError("vault field after '#' must be one non-empty name")
+    if reason := unprintable(field):
+        raise ConfigError(f"vault field after '#' {reason}")
     return SourceRef("vault", path, field if hash_sep else None)
 
 
@@ -135,10 +159,12 @@ def parse_signal(name: str) -> int:
 
 
 def parse_duration(value: object) -> float:
-    """`30s`, `5m`, `1h30m`, `250ms`, or a number of seconds."""
+    """`30s`, `5m`, `1h30m`, `250ms`, or a number of seconds; finite, 0 to MAX_DURATION."""
     text = value.strip() if isinstance(value, str) else ""
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = float(min(max(value, -1), int(MAX_DURATION) + 1))  # a huge TOML integer overflows float()
+    elif isinstance(value, float):
+        seconds = value
     elif text:
         pos, seconds = 0, 0.0
         for m in re.finditer(_DURATION_PART, text):
@@ -150,13 +176,17 @@ def parse_duration(value: object) -> float:
             raise ConfigError(f'{value!r} is not a duration like "30s", "5m" or "1h30m"')
     else:
         raise ConfigError('expected a duration like "30s"')
+    if seconds != seconds:  # NaN: every comparison with it is false, so a timeout never fires
+        raise ConfigError("must be a finite duration, not nan")
     if seconds < 0:
-        raise ConfigError("a duration cannot be negative")
+        raise ConfigError("cannot be negative")
+    if seconds > MAX_DURATION:  # inf too
+        raise ConfigError(f"must be at most {MAX_DURATION / 86400:g}d (a year)")
     return seconds
 
 
 def parse_mode(value: object) -> int:
-    """A file mode: "0400", "400" or a TOML integer such as 0o400."""
+    """A file mode, one of ALLOWED_MODES: "0400", "400", "0o400" or a TOML integer such as 0o400."""
     if isinstance(value, bool):
         raise ConfigError('expected an octal mode like "0400"')
     if isinstance(value, int):
@@ -165,9 +195,20 @@ def parse_mode(value: object) -> int:
         mode = int(value.removeprefix("0o"), 8)
     else:
         raise ConfigError(f'{value!r} is not an octal mode like "0400"')
+    if mode in ALLOWED_MODES:
+        return mode
+    meant = int(str(value), 8) if isinstance(value, int) and re.fullmatch(r"[0-7]{3,4}", str(value)) else None
+    if meant in ALLOWED_MODES:  # TOML cannot tell 440 from 0o440: the digits say what was meant
+        raise ConfigError(
+            f'{value} is {value:#o} in octal (TOML integers are decimal); write mode = "{meant:04o}" or {meant:#o}'
+        )
+    shown = f"{mode:#o} (decimal {mode})" if isinstance(value, int) else f"{mode:04o}"
     if not 0 <= mode <= 0o777:
-        raise ConfigError(f"mode {mode:#o} has bits beyond 0777 (no setuid, setgid or sticky)")
-    return mode
+        raise ConfigError(f"{shown} has bits beyond 0777 (no setuid, setgid or sticky); {_MODES_ALLOWED}")
+    raise ConfigError(f"{shown} is not allowed; {_MODES_ALLOWED}")
+
+
+_MODES_ALLOWED = "a secret file's mode is 0400, 0440, 0600 or 0640 (owner read, owner write, group read)"
 
 
 # The types of keys. A parser returns the value, None for "the default" (an empty string, for
@@ -202,9 +243,41 @@ def _valid(check: Callable[[str], str | None], value: object) -> str:
 
 
 def _url(value: object) -> str | None:
-    if _str(value) and not re.fullmatch(_VAULT_ADDR, _str(value)):
+    """Vault's address: scheme, host and port. Never echoed when it may carry a credential."""
+    text = _str(value)
+    if "@" in text:
+        _reject("is refused: the address carries a user name or password; use token_file or AppRole")
+    if "?" in text or "#" in text:
+        _reject("is refused: the address carries a query or fragment, which may hold a credential; "
+                "give only http(s)://HOST:PORT")  # fmt: skip
+    if reason := unprintable(text):
+        _reject(reason)
+    if text and not (re.fullmatch(_VAULT_ADDR, text) and _host_and_port_parse(text)):
         _reject(f"must look like http(s)://HOST:PORT, not {value!r}")
-    return _str(value) or None
+    return text or None
+
+
+def _host_and_port_parse(addr: str) -> bool:
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(addr)
+        return bool(parts.hostname) and (parts.port is None or parts.port > 0)
+    except ValueError:  # "[::1" or a port out of range
+        return False
+
+
+def _count(value: object) -> int:
+    if type(value) is not int or value <= 0:
+        _reject("must be a positive integer")
+    if value > MAX_SECRET_SIZE_LIMIT:
+        _reject(f"must be at most {MAX_SECRET_SIZE_LIMIT} (64 MiB)")
+    return value
+
+
+def _text(value: object) -> str:
+    """A string that reaches a request or a log line: no control or format characters."""
+    return _valid(unprintable, value)
 
 
 def _env_patterns(value: object) -> tuple[str, ...]:
@@ -240,13 +313,13 @@ def _show_signal(number: object) -> str:
     return f'`"{next(s.name for s in signal.Signals if s == number)}"`'
 
 
-_TEXT = _Type("string", lambda v: _str(v) or None)
-_STRING = _Type("string", _str)
-_PATH = _Type("absolute path", lambda v: _valid(lambda p: None if p.startswith("/") else "must be an absolute path", v))
+_TEXT = _Type("string", lambda v: _text(v) or None)
+_STRING = _Type("string", _text)
+_PATH = _Type("absolute path", lambda v: _valid(validate_path, v))
 _DIR = _Type("absolute path", lambda v: _PATH.parse(v) if _str(v) else None)
 _URL = _Type("URL", _url)
 _BOOL = _Type("boolean", lambda v: v if isinstance(v, bool) else _reject("must be true or false"))
-_COUNT = _Type("positive integer", lambda v: v if type(v) is int and v > 0 else _reject("must be a positive integer"))
+_COUNT = _Type("positive integer", _count)
 _DURATION = _Type("duration", parse_duration, _show_duration)
 _MODE = _Type("mode", parse_mode, lambda mode: f'`"{mode:04o}"`')
 _SIGNAL = _Type("signal name", lambda v: parse_signal(_str(v)), _show_signal)
@@ -271,9 +344,11 @@ class SecretSpec(NamedTuple):
 class OutputConfig(NamedTuple):
     dir: Annotated[str, _DIR, "A directory for secret-init alone, created if missing."] = DEFAULT_OUTPUT_DIR
     user: Annotated[str | None, _USER, "Owns the files, and runs the app.", "the user secret-init runs as"] = None
-    mode: Annotated[int, _MODE, "The mode of every file."] = 0o400
+    mode: Annotated[int, _MODE, 'The mode of every file: `"0400"`, `"0440"`, `"0600"` or `"0640"`.'] = 0o400
     allow_non_tmpfs: Annotated[bool, _BOOL, "Allow a `dir` that is not on tmpfs or ramfs."] = False
-    max_secret_size: Annotated[int, _COUNT, "The largest secret in bytes (else exit 65)."] = DEFAULT_MAX_SECRET_SIZE
+    max_secret_size: Annotated[int, _COUNT, "The largest secret in bytes, at most 64 MiB (else exit 65)."] = (
+        DEFAULT_MAX_SECRET_SIZE
+    )
 
 
 class VaultConfig(NamedTuple):
@@ -361,33 +436,114 @@ def config_path(cli_value: str | None, environ: Mapping[str, str]) -> str:
 
 
 def load(path: str, environ: Mapping[str, str]) -> Config:
+    """The config file at `path`, then the output dir checked against what is on disk."""
+    text = _read_config_file(path)
+    cfg = load_text(text, path, environ)
+    _check_output_dir_on_disk(cfg.output.dir, _shown(path))
+    return cfg
+
+
+def _shown(text: str) -> str:
+    """A string for a one-line message: as it is, or escaped when it holds a control or format character."""
+    return text if unprintable(text) is None else ascii(text)
+
+
+def _read_config_file(path: str) -> str:
+    """Its text. Opened without blocking (a FIFO), then only a regular file of at most MAX_CONFIG_SIZE is read."""
+    import stat
+
+    shown = _shown(path)
     try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_SIZE + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
     except FileNotFoundError:
-        raise ConfigError(f"config file {path} does not exist") from None
-    except OSError as e:
-        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
-    if len(raw) > MAX_CONFIG_SIZE:
-        raise ConfigError(f"config file {path} is larger than {MAX_CONFIG_SIZE} bytes")
+        raise ConfigError(f"config file {shown} does not exist") from None
+    except (OSError, ValueError) as e:  # ValueError: a NUL in the path
+        raise ConfigError(f"config file {shown} cannot be read: {getattr(e, 'strerror', None) or e}") from None
     try:
-        text = raw.decode("utf-8")
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"config file {shown} is not a regular file ({_file_kind(st.st_mode)})")
+        if st.st_size > MAX_CONFIG_SIZE:
+            raise ConfigError(f"config file {shown} is larger than {MAX_CONFIG_SIZE} bytes")
+        raw = _read_at_most(fd, MAX_CONFIG_SIZE + 1)  # it may grow after fstat
+    except OSError as e:
+        raise ConfigError(f"config file {shown} cannot be read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_CONFIG_SIZE:
+        raise ConfigError(f"config file {shown} is larger than {MAX_CONFIG_SIZE} bytes")
+    try:
+        return raw.decode("utf-8")
     except UnicodeDecodeError:
-        raise ConfigError(f"config file {path} is not UTF-8") from None
-    return load_text(text, path, environ)
+        raise ConfigError(f"config file {shown} is not UTF-8") from None
+
+
+def _read_at_most(fd: int, limit: int) -> bytes:
+    chunks, size = [], 0
+    while size < limit and (chunk := os.read(fd, min(65536, limit - size))):
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks)
+
+
+def _file_kind(mode: int) -> str:
+    import stat
+
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))  # fmt: skip
+    return next((name for test, name in kinds if test(mode)), "not a file")
+
+
+def _check_output_dir_on_disk(directory: str, path: str) -> None:
+    """Refuse an output dir that resolves, through symlinks, to a shared one, or that is a symlink itself.
+
+    The sink opens the directory with O_NOFOLLOW, which guards only the last component: a
+    symlink above it (`/srv/link/tmp` with link -> /) would hand it /tmp.
+    """
+    real = os.path.realpath(directory)  # for a dir not made yet: its parent resolved, its name appended
+    if real in SHARED_DIRS or real in {os.path.realpath(d) for d in SHARED_DIRS}:
+        raise ConfigError(
+            f"config {path}: [output]: dir {directory} resolves to {real}, a shared system directory; "
+            f"use a dedicated one such as {DEFAULT_OUTPUT_DIR}"
+        )
+    if os.path.islink(directory):
+        raise PermissionRefusedError(
+            f"config {path}: [output]: dir {directory} is a symlink (to {real}); name the directory itself"
+        )
 
 
 def load_text(text: str, path: str, environ: Mapping[str, str]) -> Config:
     import tomllib
 
+    shown = _shown(path)
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"config {path}: not valid TOML: {e}") from None
+        raise ConfigError(f"config {shown}: not valid TOML: {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config {shown}: not valid TOML here: arrays or tables nested too deeply") from None
+    except ValueError:  # int() refuses more than sys.get_int_max_str_digits() digits
+        raise ConfigError(f"config {shown}: not valid TOML here: a number too long to read") from None
     try:
+        _refuse_nul(data)
         return _parse(data, path, environ)
     except ConfigError as e:
-        raise ConfigError(f"config {path}: {e}") from None
+        raise ConfigError(f"config {shown}: {e}") from None
+
+
+def _refuse_nul(data: dict[str, object]) -> None:
+    """No key or string anywhere may hold NUL: no file name, path or header can carry one."""
+    pending: list[tuple[str, object]] = [("", data)]
+    while pending:  # not recursive: TOML nests as deep as tomllib's own recursion allows
+        where, value = pending.pop()
+        where = where.removeprefix(".")
+        if isinstance(value, str) and "\x00" in value:
+            raise ConfigError(f"{where or 'a key'}: a value holds NUL; no value may")
+        children = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        for key, child in children:
+            if isinstance(key, str) and "\x00" in key:
+                raise ConfigError(f"{where or 'top level'}: a key holds NUL; no key may")
+            pending.append((f"{where}.{key}" if isinstance(key, str) else f"{where} #{key + 1}", child))
 
 
 def _fail(where: str, key: str, reason: str) -> NoReturn:
@@ -397,7 +553,8 @@ def _fail(where: str, key: str, reason: str) -> NoReturn:
 def _parse(data: dict[str, object], path: str, environ: Mapping[str, str]) -> Config:
     _check_known(data, "top level", _SECTIONS)
     output = _read(OutputConfig, data.get("output"), "[output]")
-    if os.path.normpath(output.dir) in SHARED_DIRS:
+    output = output._replace(dir=_normal_dir(output.dir))
+    if output.dir in SHARED_DIRS:
         reason = f"is a shared system directory; use a dedicated one such as {DEFAULT_OUTPUT_DIR}"
         _fail("[output]", "dir", f"{output.dir} {reason}")
     vault = _read(VaultConfig, data.get("vault"), "[vault]")
@@ -422,6 +579,16 @@ def _parse(data: dict[str, object], path: str, environ: Mapping[str, str]) -> Co
     vault, notes = _vault_from_env(vault, environ, any(s.source.kind == "vault" for s in secrets))
     swarm_dir = environ.get("SECRET_INIT_SWARM_DIR") or DEFAULT_SWARM_DIR
     return Config(path, output, vault, process, secrets, swarm_dir, sidecar, notes)
+
+
+def _normal_dir(path: str) -> str:
+    """output.dir as the kernel resolves it, spelled once: no '..', no '//' or '/.', no trailing '/'."""
+    import posixpath
+
+    if ".." in path.split("/"):
+        _fail("[output]", "dir", f"{_shown(path)} must not have '..' components; name the directory itself")
+    normal = posixpath.normpath(path)  # without '..' a purely textual normalization is exact
+    return "/" + normal.lstrip("/")  # POSIX keeps a leading '//'; Linux reads it as '/'
 
 
 def _parse_secrets(items: object, output: OutputConfig) -> tuple[SecretSpec, ...]:
@@ -456,6 +623,8 @@ def _vault_from_env(vault: VaultConfig, environ: Mapping[str, str], used: bool) 
                 _fail("[vault]", "addr", str(e))
             notes.append(f"${origin} ignored: it is not like http(s)://HOST:PORT, and no secret has a vault: source")
     namespace = environ.get("VAULT_NAMESPACE") if vault.namespace is None else vault.namespace  # "" in the file wins
+    if used and namespace and (reason := unprintable(namespace)):
+        _fail("[vault]", "namespace", f"(from $VAULT_NAMESPACE) {reason}")
     return vault._replace(
         addr=addr.rstrip("/") if addr else None,
         approle_mount=vault.approle_mount.strip("/"),
@@ -480,7 +649,7 @@ def _declared(cls: type[_R]) -> dict[str, tuple[_Type, str, str | None]]:
 def _check_known(table: dict[str, object], where: str, known: Mapping[str, object]) -> None:
     unknown = sorted(set(table) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(_shown(key) for key in unknown)}")
 
 
 def _read(cls: type[_R], table: object, where: str, defaults: Mapping[str, object] | None = None) -> _R:

@@ -1,11 +1,17 @@
 """Config loading: every documented key, and one clear error for each kind of mistake."""
 
+import json
+import os
+import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from secret_init.config import (
     DEFAULT_OUTPUT_DIR,
+    MAX_DURATION,
     SourceRef,
     config_path,
     docs_table,
@@ -16,8 +22,8 @@ from secret_init.config import (
     parse_mode,
     parse_reference,
 )
-from secret_init.errors import ConfigError, ExitCode
-from tests.conftest import REPO
+from secret_init.errors import ConfigError, ExitCode, SecretInitError
+from tests.conftest import REPO, assert_no_leak, base_env, needs_root, random_secret, record_output, run_cli
 
 FULL = """
 [output]
@@ -127,7 +133,7 @@ VAULT_ONE = '[[secret]]\nname = "x"\nsource = "vault:secret/data/x"\n'
     "env",
     [
         {"VAULT_ADDR": "vault.internal:8200"},
-        {"BAO_ADDR": "https://user:pw@vault.internal:8200/v1"},
+        {"BAO_ADDR": "https://vault.internal:8200/v1"},
         {"VAULT_ADDR": "", "BAO_ADDR": "not an address"},
     ],
 )
@@ -277,3 +283,359 @@ def test_references() -> None:
 )
 def test_loopback_means_a_loopback_address_not_a_lookalike_name(addr: str, loopback: bool) -> None:
     assert is_loopback_url(addr) is loopback
+
+
+# -- credentials in the address ---------------------------------------------------------
+
+
+def address_with(shape: str, secret: str) -> str:
+    return {
+        "userinfo": f"https://reader:{secret}@vault.internal:8200",
+        "user only": f"http://{secret}@127.0.0.1:8200",
+        "query": f"https://vault.internal:8200/?token={secret}",
+        "fragment": f"https://vault.internal:8200#{secret}",
+    }[shape]
+
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize("shape", ["userinfo", "user only", "query", "fragment"])
+@pytest.mark.parametrize("origin", ["file", "VAULT_ADDR", "BAO_ADDR"])
+def test_credentials_in_the_vault_address_are_refused_without_echoing_them(origin: str, shape: str) -> None:
+    """A user name, password or query in the address is exit 78, and the message never holds it."""
+    secret = random_secret("addr")
+    addr = address_with(shape, secret)
+    text = (f'[vault]\naddr = "{addr}"\n' if origin == "file" else "") + VAULT_ONE
+    with pytest.raises(ConfigError) as info:
+        load_text(text, "bad.toml", {} if origin == "file" else {origin: addr})
+    assert info.value.exit_code == ExitCode.CONFIG
+    message = str(info.value)
+    assert_no_leak(message, secret)
+    want = "user name or password; use token_file or AppRole" if "@" in addr else "query or fragment"
+    assert want in message and "\n" not in message
+
+
+@pytest.mark.hostile("config")
+def test_credentials_in_the_address_through_check_exit_78_and_stay_out_of_the_output(tmp_path: Path) -> None:
+    secret = random_secret("addr")
+    config = tmp_path / "config.toml"
+    config.write_text(VAULT_ONE)
+    result = run_cli("check", "--config", str(config), env=base_env(VAULT_ADDR=address_with("userinfo", secret)))
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert_no_leak(result.stdout + result.stderr, secret)
+    (line,) = result.stderr.strip().splitlines()
+    assert "the address carries a user name or password" in line
+
+
+# -- modes ----------------------------------------------------------------------------------
+
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize(("written", "meant"), [("400", "0400"), ("440", "0440"), ("600", "0600"), ("640", "0640")])
+def test_a_decimal_toml_mode_is_refused_naming_what_was_meant(written: str, meant: str) -> None:
+    """TOML `mode = 440` is decimal 440 = 0o670: refused, and the message says how to write 0440."""
+    for where in ("[output]\n", '[[secret]]\nname = "x"\nsource = "swarm:x"\n'):
+        with pytest.raises(ConfigError) as info:
+            load_text(f"{where}mode = {written}\n", "bad.toml", {})
+        assert info.value.exit_code == ExitCode.CONFIG
+        octal = f"{int(written):#o}"
+        assert (
+            f'mode {written} is {octal} in octal (TOML integers are decimal); write mode = "{meant}" or 0o{written}'
+            in str(info.value)
+        )
+
+
+@pytest.mark.parametrize(
+    ("text", "mode"),
+    [("0400", 0o400), ("400", 0o400), ("0o400", 0o400), ("0440", 0o440), ("440", 0o440), ("0o600", 0o600),
+     ("0640", 0o640), (0o400, 0o400), (0o440, 0o440), (0o600, 0o600), (0o640, 0o640), (256, 0o400)],
+)  # fmt: skip
+def test_the_allowed_modes_in_every_spelling(text: str | int, mode: int) -> None:
+    assert parse_mode(text) == mode
+    shown = f'"{text}"' if isinstance(text, str) else f"{text:#o}"
+    assert load_text(f"[output]\nmode = {shown}\n", "x", {}).output.mode == mode
+
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize("mode", ["0444", "0644", "0o444", "0660", "0604", "0700", "0000", "0200", "0500", "0777"])
+def test_modes_beyond_owner_read_write_and_group_read_are_refused(mode: str) -> None:
+    """Only 0400, 0440, 0600 and 0640: never others-readable, never executable (0444 and 0644 were accepted)."""
+    with pytest.raises(ConfigError, match="is not allowed; a secret file's mode is 0400, 0440, 0600 or 0640"):
+        load_text(f'[output]\nmode = "{mode}"\n', "bad.toml", {})
+    with pytest.raises(ConfigError, match="is not allowed"):
+        load_text(f"[output]\nmode = 0o{mode.removeprefix('0o')[-3:]}\n", "bad.toml", {})
+
+
+# -- durations and numbers -------------------------------------------------------------------
+
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize(
+    "value",
+    ["nan", "+nan", "inf", "-inf", "-1", "1e309", '"1e309s"', '"nan s"', '"nan"', '"inf s"', '"-1s"',
+     '"99999999999999999h"', '"366d"', f'"{"9" * 400}s"', "99999999999999999999", "31622400", '"٣s"'],
+)  # fmt: skip
+@pytest.mark.parametrize(
+    "key",
+    ["vault.startup_timeout", "vault.request_timeout", "vault.refresh_interval", "process.stop_timeout",
+     "process.rotate_before"],
+)  # fmt: skip
+def test_durations_must_be_finite_and_at_most_a_year(key: str, value: str) -> None:
+    """`stop_timeout = nan` never killed an app that ignored SIGTERM; a huge one overflowed time arithmetic."""
+    section, name = key.split(".")
+    with pytest.raises(ConfigError) as info:
+        load_text(f"[{section}]\n{name} = {value}\n", "bad.toml", {})
+    assert info.value.exit_code == ExitCode.CONFIG
+    assert f"{name} " in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("365d", MAX_DURATION), ("0s", 0.0), (0, 0.0), (31536000, MAX_DURATION), ("8759h60m", MAX_DURATION)],
+)
+def test_the_duration_bounds_are_inclusive(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[vault]\nrequest_timeout = 0\n", "request_timeout must be more than zero"),
+        ('[vault]\nrefresh_interval = "500ms"\n', "refresh_interval must be at least 1s"),
+        ('[process]\nrotate_before = "0s"\n', "rotate_before must be more than zero"),
+        ("[output]\nmax_secret_size = 0\n", "must be a positive integer"),
+        ("[output]\nmax_secret_size = 67108865\n", "must be at most 67108864"),
+        ("[output]\nmax_secret_size = 9223372036854775807\n", "must be at most 67108864"),
+        ("[output]\nmax_secret_size = 1e3\n", "must be a positive integer"),
+        ("[output]\nmax_secret_size = nan\n", "must be a positive integer"),
+        (f"[output]\nmax_secret_size = {'9' * 5000}\n", "a number too long"),
+        ("a = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+    ],
+)
+def test_numbers_out_of_range_are_config_errors(text: str, message: str) -> None:
+    """Each is 78 with one line; the last two raised ValueError and RecursionError (exit 70) before."""
+    with pytest.raises(ConfigError) as info:
+        load_text(text, "bad.toml", {})
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+# -- control and format characters, NUL ----------------------------------------------------
+
+INVISIBLE = ["\x85", "\x9b", "\u200e", "\u202e", "\u2028", "\u2029", "\ufeff", "\u0378", "\ue000", "\U000e0041", "\x1b"]
+
+
+def toml_string(text: str) -> str:
+    """A TOML basic string holding `text`, every character escaped as TOML allows."""
+    return json.dumps(text)  # JSON's \\uXXXX escapes are TOML's too; astral ones become surrogate pairs, not TOML
+
+
+def toml_escaped(text: str) -> str:
+    escaped = "".join(c if c.isascii() and c.isprintable() else f"\\U{ord(c):08X}" for c in text)
+    return '"' + escaped.replace('"', '\\"') + '"'
+
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize("char", INVISIBLE)
+@pytest.mark.parametrize(
+    "where",
+    [
+        '[[secret]]\nname = {v}\nsource = "swarm:x"\n',
+        '[[secret]]\nname = "x"\nsource = {v}\n',  # swarm:NAME
+        '[[secret]]\nname = "x"\nsource = {f}\n',  # file:/PATH
+        '[[secret]]\nname = "x"\nsource = {k}\n',  # vault:PATH#FIELD
+        '[[secret]]\nname = "x"\nsource = "swarm:x"\nenv = {v}\n',
+        "[output]\ndir = {p}\n",
+        "[output]\nuser = {v}\n",
+        "[vault]\ntoken_file = {p}\n",
+        "[vault]\nnamespace = {v}\n",
+        "[vault]\napprole_mount = {v}\n",
+        "[vault]\naddr = {a}\n",
+        "[sidecar]\nnotify_pidfile = {p}\n",
+    ],
+)
+def test_control_and_format_characters_are_refused_where_they_reach_a_name_or_a_log_line(where: str, char: str) -> None:
+    """C1 controls, bidi overrides, separators, private and unassigned code points: 78, the message one line."""
+    text = where.format(
+        v=toml_escaped(f"a{char}b"),
+        f=toml_escaped(f"file:/etc/a{char}b"),
+        k=toml_escaped(f"vault:secret/data/a#f{char}"),
+        p=toml_escaped(f"/run/a{char}b"),
+        a=toml_escaped(f"http://vault{char}.internal:8200"),
+    ).replace('source = "a', 'source = "swarm:a')
+    with pytest.raises(ConfigError) as info:
+        load_text(text, "bad.toml", {})
+    message = str(info.value)
+    assert info.value.exit_code == ExitCode.CONFIG
+    assert message.isprintable(), "the message itself must not carry the character"
+
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize(
+    "text",
+    [
+        '[output]\ndir = "/run/a\\u0000b"\n',
+        '[[secret]]\nname = "x"\nsource = "vault:a/b"\ntemplate = "a\\u0000${f}"\n',
+        '[vault]\nnamespace = "\\u0000"\n',
+        '[process]\nscrub_env = ["A", "B\\u0000"]\n',
+        '"\\u0000" = 1\n',
+        '[output]\n"dir\\u0000" = "/x"\n',
+    ],
+)
+def test_nul_anywhere_is_a_config_error(text: str) -> None:
+    with pytest.raises(ConfigError, match="holds NUL"):
+        load_text(text, "bad.toml", {})
+
+
+@needs_root
+@pytest.mark.hostile("config")
+def test_nul_in_output_dir_is_78_not_an_internal_error(tmpfs: Path) -> None:
+    """It gave 70: os raised ValueError on the embedded NUL."""
+    config = tmpfs / "config.toml"
+    config.write_text(f'[output]\ndir = "{tmpfs}/out\\u0000x"\n')
+    result = run_cli("render", "--config", str(config))
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "holds NUL" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in tmpfs.iterdir()) == ["config.toml"]
+
+
+# -- the config file itself -------------------------------------------------------------------
+
+
+@pytest.mark.hostile("filesystem")
+@pytest.mark.parametrize("kind", ["fifo", "directory", "/dev/zero", "/dev/null", "huge", "socket"])
+def test_a_config_path_that_is_not_a_regular_file_is_refused_at_once(tmp_path: Path, kind: str) -> None:
+    """A FIFO blocked forever, /dev/zero read without end: now 78 with one line, without blocking."""
+    path = tmp_path / "config.toml"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "huge":
+        with open(path, "wb") as f:
+            f.truncate(4 * 1024**3)  # sparse: no disk used
+    elif kind == "socket":
+        import socket
+
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))
+    else:
+        path = Path(kind)
+    result = run_cli("check", "--config", str(path), timeout=20)
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    want = "larger than" if kind == "huge" else "cannot be read" if kind == "socket" else "is not a regular file"
+    assert want in line
+
+
+def test_a_config_path_with_a_newline_stays_one_line(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(str(tmp_path / "a\nb\u202e.toml"), {})
+    assert str(info.value).isprintable()
+
+
+# -- output.dir spellings -----------------------------------------------------------------------
+
+
+@pytest.mark.hostile("filesystem")
+@pytest.mark.parametrize(
+    "spelling",
+    ["//tmp", "///tmp", "/tmp/.", "/tmp/./", "/tmp//", "//tmp/./.", "/./tmp", "/dev//shm", "//run/secrets/.",
+     "/run/./secrets", "//", "/.", "//var//tmp//"],
+)  # fmt: skip
+def test_other_spellings_of_a_shared_dir_are_refused(spelling: str) -> None:
+    """`//tmp` passed (POSIX normpath keeps a leading //) and render took /tmp over."""
+    with pytest.raises(ConfigError, match="is a shared system directory") as info:
+        load_text(f'[output]\ndir = "{spelling}"\n', "bad.toml", {})
+    assert info.value.exit_code == ExitCode.CONFIG
+
+
+@pytest.mark.hostile("filesystem")
+@pytest.mark.parametrize("spelling", ["/run/secrets/../../tmp", "/run/app-secrets/..", "/x/../run/app-secrets"])
+def test_dot_dot_in_output_dir_is_refused(spelling: str) -> None:
+    with pytest.raises(ConfigError, match=r"must not have '\.\.' components"):
+        load_text(f'[output]\ndir = "{spelling}"\n', "bad.toml", {})
+
+
+@pytest.mark.parametrize(
+    ("spelling", "normal"),
+    [("/run/app-secrets/", "/run/app-secrets"), ("//run//app-secrets/.", "/run/app-secrets"), ("/srv/./a/", "/srv/a")],
+)
+def test_the_sink_gets_the_normalized_dir(spelling: str, normal: str) -> None:
+    cfg = load_text(f'[output]\ndir = "{spelling}"\n[[secret]]\nname = "k"\nsource = "swarm:k"\n', "x", {})
+    assert cfg.output.dir == normal
+    assert cfg.file_path(cfg.secrets[0]) == f"{normal}/k"
+
+
+@needs_root
+@pytest.mark.hostile("filesystem")
+def test_a_symlink_at_output_dir_to_a_shared_dir_is_refused(tmpfs: Path) -> None:
+    (tmpfs / "out").symlink_to("/tmp")
+    (tmpfs / "up").symlink_to("/")
+    for directory in (tmpfs / "out", tmpfs / "up" / "tmp", tmpfs / "up" / "run" / "secrets"):
+        config = tmpfs / "config.toml"
+        config.write_text(f'[output]\ndir = "{directory}"\n')
+        with pytest.raises(ConfigError, match="a shared system directory") as info:
+            load(str(config), {})
+        assert "resolves to /" in str(info.value)
+
+
+@needs_root
+@pytest.mark.hostile("filesystem")
+def test_a_symlink_at_output_dir_is_refused_wherever_it_points(tmpfs: Path) -> None:
+    (tmpfs / "real").mkdir()
+    (tmpfs / "out").symlink_to(tmpfs / "real")
+    config = tmpfs / "config.toml"
+    for spelling in (f"{tmpfs}/out", f"{tmpfs}/out/", f"/{tmpfs}//out/."):
+        config.write_text(f'[output]\ndir = "{spelling}"\n')
+        with pytest.raises(SecretInitError, match="is a symlink") as info:
+            load(str(config), {})
+        assert info.value.exit_code == ExitCode.NO_PERMISSION
+
+
+RENDER_IN_PRIVATE_TMP = r"""
+set -e
+mount -t tmpfs si-test /tmp
+chmod 1777 /tmp
+mkdir -m 0700 /tmp/si-cfg
+cat > /tmp/si-cfg/secret
+printf '%s' "$SI_CONFIG" > /tmp/si-cfg/config.toml
+ln -s /tmp /tmp/si-cfg/link
+ln -s / /tmp/si-cfg/root
+echo others > /tmp/.si-tmp-others
+echo others > /tmp/others
+set +e
+"$SI_PYTHON" -m secret_init render --config /tmp/si-cfg/config.toml 2>/tmp/si-cfg/stderr
+echo "rc=$?"
+stat -c 'tmp=%a %u %g' /tmp
+ls -A /tmp | sed 's/^/entry=/'
+sed 's/^/stderr=/' /tmp/si-cfg/stderr
+"""
+
+
+@needs_root
+@pytest.mark.hostile("filesystem")
+@pytest.mark.parametrize(
+    "spelling", ["//tmp", "/tmp/./", "/tmp/si-cfg/../../tmp", "/tmp/si-cfg/link", "/tmp/si-cfg/root/tmp"]
+)
+def test_render_into_another_spelling_of_tmp_touches_nothing_there(spelling: str) -> None:
+    """The realistic case, in a private mount namespace over its own /tmp: render refuses (78) and
+    /tmp keeps its mode, owner and the others' entries (the sink's clean-up used to delete `.si-tmp-*`)."""
+    secret = random_secret("render")
+    config = f'[output]\ndir = "{spelling}"\n[[secret]]\nname = "k"\nsource = "file:/tmp/si-cfg/secret"\n'
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", RENDER_IN_PRIVATE_TMP],
+        input=secret,
+        env=base_env(SI_CONFIG=config, SI_PYTHON=sys.executable),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    record_output(result.stdout + result.stderr, "render in a private /tmp")
+    assert_no_leak(result.stdout + result.stderr, secret)
+    facts = [line.split("=", 1) for line in result.stdout.splitlines() if "=" in line]
+    assert ["rc", str(int(ExitCode.CONFIG))] in facts, result.stdout + result.stderr
+    assert ["tmp", f"{stat.S_IMODE(0o1777):o} 0 0"] in facts
+    entries = sorted(value for key, value in facts if key == "entry")
+    assert entries == [".si-tmp-others", "others", "si-cfg"]
