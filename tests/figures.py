@@ -17,6 +17,7 @@ import json
 import os
 import stat
 import subprocess
+import time
 import urllib.parse
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -188,6 +189,7 @@ class FiguresPlugin:
         self.hostile = HostileFigures()
         self.nodeid = ""  # the test running now, for record_cases
         self.hunted: list[Leak] | None = None  # set once the final test has searched
+        self.search_seconds = 0.0  # the session-end search's cost, one needle at a time
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         for item in items:
@@ -210,7 +212,9 @@ class FiguresPlugin:
         self.hostile.note_outcome(report)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        started = time.monotonic()
         leaks = find_leaks(self.leaks.values, self.leaks.texts)  # again: teardowns record too
+        self.search_seconds = round(time.monotonic() - started, 3)
         directory = Path(os.environ.get("SITEST_FIGURES_DIR") or FIGURES_DIR)
         directory.mkdir(exist_ok=True)
         (directory / ".gitignore").write_text("*\n")  # figures of one run, never committed
@@ -235,6 +239,7 @@ class FiguresPlugin:
             "texts_by_kind": dict(Counter(label.split(":", 1)[0] for label, _ in texts)),
             "bytes_searched": sum(len(text.encode(errors="replace")) for _, text in texts),
             "leaks_found": len(leaks),
+            "search_seconds": self.search_seconds,
             "leaks": [str(leak) for leak in leaks],
         }
 
