@@ -5,20 +5,23 @@ for hvac and requests. Every token, role_id and secret_id is registered for reda
 before it is used, and no error message built here quotes one.
 """
 
+import json
 import math
 import re
 import threading
 import time
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import hvac
+import hvac.adapters
 import hvac.exceptions as hvac_errors
 import requests
 import structlog
 import tenacity
 
-from secret_init.config import VaultConfig, is_loopback_url
+from secret_init.config import DEFAULT_MAX_SECRET_SIZE, VaultConfig, is_loopback_url
 from secret_init.errors import (
     ConfigError,
     DataError,
@@ -30,6 +33,7 @@ from secret_init.errors import (
 from secret_init.model import Lease
 from secret_init.redaction import REDACTOR
 from secret_init.sources.files import read_regular_file
+from secret_init.transport import AnswerTooLarge, RedirectRefused, VaultSession, origin, safe_url
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -63,9 +67,25 @@ _STATUS_OF = {
     hvac_errors.VaultDown: 503,
 }
 _MAX_CREDENTIAL_FILE = 64 * 1024
+# The most bytes of an answer that is not a secret read (a login, a renewal, a lookup).
+SMALL_ANSWER = 1024 * 1024
+# A request started this close to the end of startup_timeout still gets this long; so do
+# the revocations after a failed start, and the start overruns its bound by at most this.
+_LAST_TRY = 1.0
 
 
 PROBE_INCREMENT = 10**9  # seconds; Vault caps it at the max TTL, which is what we want to know
+MAX_NESTING = 32  # JSON levels in a secret's data; deeper would strain the recursive encoders that render it
+MAX_DURATION = PROBE_INCREMENT  # a longer TTL is not an answer Vault gives (and overflows timers)
+
+
+class MalformedAnswer(Exception):
+    """An answer that is not the shape Vault gives; its message quotes no value."""
+
+
+def answer_cap(max_secret_size: int) -> int:
+    """The most bytes a read's answer may have: every field of a path, JSON-escaped, and room for the rest."""
+    return 8 * max_secret_size + 1024 * 1024
 
 
 class TokenInfo(NamedTuple):
@@ -104,6 +124,8 @@ def is_transient(exc: BaseException, idempotent: bool = True) -> bool:
 
 def describe(exc: BaseException) -> str:
     """A short, token-free description of a failed request."""
+    if isinstance(exc, RedirectRefused | AnswerTooLarge | MalformedAnswer):
+        return str(exc)
     if isinstance(exc, hvac_errors.VaultError):
         status = _STATUS_OF.get(type(exc))
         errors = "; ".join(str(e) for e in exc.errors) if exc.errors else str(exc.args[0] if exc.args else "")
@@ -131,24 +153,41 @@ class VaultClient:
     ) -> None:
         if cfg.addr is None:
             raise ConfigError("vault: no address; set [vault] addr, VAULT_ADDR or BAO_ADDR")
+        if origin(cfg.addr) is None:
+            raise ConfigError("vault: addr must be http(s)://host[:port]")
         self.cfg = cfg
-        self.addr = cfg.addr
+        self.addr = without_userinfo(cfg.addr)
         self._environ = environ
         self._clock = clock
         self._sleep = sleep
         self._deadline = clock() + cfg.startup_timeout
         self.owns_token = False  # True when this process logged in and so may revoke
         self._lock = threading.RLock()  # the renewer thread and the main loop share one session
+        self.session = _session(cfg, environ, self._budget)
         # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token behind our back.
+        # RawAdapter with ignore_exceptions: every answer, whatever its status or shape, is judged here.
         self.client = hvac.Client(
-            url=cfg.addr, token="", timeout=cfg.request_timeout, namespace=cfg.namespace, session=_session(cfg, environ)
+            url=cfg.addr,
+            token="",
+            timeout=cfg.request_timeout,
+            namespace=cfg.namespace,
+            session=self.session,
+            adapter=hvac.adapters.RawAdapter,
+            ignore_exceptions=True,
         )
         if cfg.addr.startswith("http://") and not is_loopback_url(cfg.addr):
-            log.warning("vault address is plain http; tokens and secrets cross the network unencrypted", addr=cfg.addr)
+            log.warning("vault address is plain http; tokens and secrets cross the network unencrypted", addr=self.addr)
 
     def end_startup(self) -> None:
         """From now on each request is tried once: the renewer keeps its own schedule."""
         self._deadline = -math.inf
+
+    def _budget(self) -> float:
+        """Seconds the next request may take in total: request_timeout, and during the start no more than is left."""
+        if self._deadline == -math.inf:
+            return self.cfg.request_timeout
+        left = self._deadline - self._clock()
+        return min(self.cfg.request_timeout, max(left, _LAST_TRY))
 
     # -- authentication ---------------------------------------------------------
 
@@ -182,22 +221,12 @@ class VaultClient:
                 role_id=role_id, secret_id=secret_id, mount_point=mount, use_token=False
             )
 
-        response = self._call(f"AppRole login at auth/{mount}", login, is_login=True)
-        auth = response.get("auth") or {}
-        token = auth.get("client_token")
-        if not token:
-            raise VaultUnavailableError(f"vault at {self.addr}: AppRole login returned no token")
-        REDACTOR.add(token)
+        auth = self._call(f"AppRole login at auth/{mount}", login, login_answer, is_login=True)
         with self._lock:
-            self.client.token = token
+            self.client.token = auth.token
             self.owns_token = True
         log.info(
-            "vault login",
-            addr=self.addr,
-            auth="approle",
-            mount=mount,
-            token_ttl=auth.get("lease_duration"),
-            renewable=auth.get("renewable"),
+            "vault login", addr=self.addr, auth="approle", mount=mount, token_ttl=auth.ttl, renewable=auth.renewable
         )
 
     @staticmethod
@@ -214,24 +243,33 @@ class VaultClient:
             if not self.owns_token:
                 return
             try:
-                self.client.auth.token.revoke_self()
+                self.session.cap = SMALL_ANSWER
+                document(self.client.auth.token.revoke_self())
                 self.owns_token = False
                 log.info("vault token revoked", addr=self.addr)
             except Exception as e:  # best effort: the token expires by itself anyway
-                log.warning("vault token revoke failed", addr=self.addr, error=describe(e))
+                log.warning("vault token revoke failed", addr=self._failed_at(e), error=describe(e))
 
     # -- reads ----------------------------------------------------------------------
 
-    def read(self, path: str, purpose: str) -> VaultSecret:
-        response = self._call(f"read of {path} ({purpose})", lambda: self.client.read(path))
-        if response is None:
-            raise SourceError(f"vault: {path} ({purpose}): no secret at this path (HTTP 404)")
-        return parse_response(path, response, self._clock())
+    def read(self, path: str, purpose: str, max_size: int = DEFAULT_MAX_SECRET_SIZE) -> VaultSecret:
+        """One path's secret; its answer may be answer_cap(max_size) bytes at most."""
+        return self._call(
+            f"read of {path} ({purpose})",
+            lambda: self.client.read(path),
+            lambda doc: parse_response(path, need_object(doc), self._clock()),
+            cap=answer_cap(max_size),
+        )
 
     def capabilities(self, paths: list[str]) -> dict[str, list[str]]:
-        response = self._call("capabilities-self", lambda: self.client.sys.get_capabilities(paths=paths))
-        data = response.get("data") or response
-        return {p: list(data.get(p) or []) for p in paths}
+        def check(doc: dict[str, Any] | None) -> dict[str, list[str]]:
+            answer = need_object(doc)
+            data = answer.get("data") or answer
+            if not isinstance(data, dict):
+                raise MalformedAnswer("data is not an object")
+            return {p: string_list(data.get(p), f"capabilities of {p}") for p in paths}
+
+        return self._call("capabilities-self", lambda: self.client.sys.get_capabilities(paths=paths), check)
 
     # -- leases and the token ---------------------------------------------------------
 
@@ -241,17 +279,20 @@ class VaultClient:
         Vault does not say the max TTL, so this asks once for a renewal it must cap, then
         renews back to the lease's own duration: the lease is long-lived only for that instant.
         """
-        probe = self._call("lease max TTL probe", lambda: self.client.sys.renew_lease(lease_id, PROBE_INCREMENT))
-        return float(probe["lease_duration"]), self.renew_lease(lease_id, duration)
+        probe = self._call(
+            "lease max TTL probe", lambda: self.client.sys.renew_lease(lease_id, PROBE_INCREMENT), lease_answer
+        )
+        return probe, self.renew_lease(lease_id, duration)
 
     def renew_lease(self, lease_id: str, increment: float) -> float:
-        response = self._call(
-            f"renewal of {lease_id}", lambda: self.client.sys.renew_lease(lease_id, max(1, int(increment)))
+        return self._call(
+            f"renewal of {lease_id}",
+            lambda: self.client.sys.renew_lease(lease_id, max(1, int(increment))),
+            lease_answer,
         )
-        return float(response["lease_duration"])
 
     def revoke_lease(self, lease_id: str) -> None:
-        self._call(f"revoke of {lease_id}", lambda: self.client.sys.revoke_lease(lease_id))
+        self._call(f"revoke of {lease_id}", lambda: self.client.sys.revoke_lease(lease_id), no_answer)
         log.info("lease revoked", lease_id=lease_id)
 
     def revoke_lease_quietly(self, lease_id: str) -> bool:
@@ -263,30 +304,40 @@ class VaultClient:
         return True
 
     def token_info(self) -> TokenInfo:
-        data = self._call("token lookup-self", lambda: self.client.auth.token.lookup_self())["data"]
-        ttl = float(data.get("ttl") or 0)
-        if ttl == 0:
+        token = self._call("token lookup-self", lambda: self.client.auth.token.lookup_self(), lookup_answer)
+        if token.ttl == 0:
             return TokenInfo(0, False, math.inf)  # a root or periodic-less token that never expires
-        if not data.get("renewable"):
-            return TokenInfo(ttl, False, ttl)
-        increment = float(data.get("creation_ttl") or ttl)
-        probe = self._call("token max TTL probe", lambda: self.client.auth.token.renew_self(increment=PROBE_INCREMENT))
-        back = self.renew_token(increment)
-        return TokenInfo(back, True, float(probe["auth"]["lease_duration"]))
+        if not token.renewable:
+            return TokenInfo(token.ttl, False, token.ttl)
+        probe = self._call(
+            "token max TTL probe", lambda: self.client.auth.token.renew_self(increment=PROBE_INCREMENT), renew_answer
+        )
+        back = self.renew_token(token.creation_ttl)
+        return TokenInfo(back, True, probe)
 
     def renew_token(self, increment: float) -> float:
-        response = self._call("token renew-self", lambda: self.client.auth.token.renew_self(increment=int(increment)))
-        return float(response["auth"]["lease_duration"])
+        return self._call(
+            "token renew-self", lambda: self.client.auth.token.renew_self(increment=int(increment)), renew_answer
+        )
 
     # -- retries and error mapping ------------------------------------------------
 
-    def _call(self, what: str, fn: Callable[[], T], is_login: bool = False) -> T:
+    def _call(
+        self,
+        what: str,
+        send: Callable[[], Any],
+        check: Callable[[dict[str, Any] | None], T],
+        is_login: bool = False,
+        cap: int = SMALL_ANSWER,
+    ) -> T:
+        """Send with retries until startup_timeout; `check` turns the answer into what the caller uses."""
         attempts = 0
 
         def attempt() -> T:
             nonlocal attempts
             attempts += 1
-            return fn()
+            self.session.cap = cap
+            return check(document(send()))
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: is_transient(e, idempotent=not is_login)),
@@ -295,7 +346,7 @@ class VaultClient:
             sleep=self._sleep,
             before_sleep=lambda state: log.warning(
                 "vault request failed, retrying",
-                addr=self.addr,
+                addr=self._failed_at(state.outcome.exception() if state.outcome else None),
                 request=what,
                 attempt=state.attempt_number,
                 error=_outcome_error(state),
@@ -314,27 +365,50 @@ class VaultClient:
         backoff = tenacity.wait_random_exponential(multiplier=0.2, max=5)(state)
         return max(0.0, min(backoff, self._deadline - self._clock()))
 
+    def _failed_at(self, exc: BaseException | None) -> str:
+        """The address of the request that failed (the configured one, or where a redirect led), no userinfo."""
+        request = getattr(exc, "request", None)
+        url = getattr(request, "url", None) or getattr(exc, "url", None)
+        if not isinstance(url, str) or origin(url) == self.session.home:
+            return self.addr
+        return safe_url(url)
+
     def _map_error(self, exc: Exception, what: str, attempts: int, is_login: bool) -> SecretInitError:
         reason = describe(exc)
+        addr = self._failed_at(exc)
+        if isinstance(exc, RedirectRefused):
+            return VaultUnavailableError(
+                f"vault at {addr}: {what}: {reason}; redirects are followed only to {safe_url(self.addr)}"
+            )
+        if isinstance(exc, AnswerTooLarge | MalformedAnswer):
+            return DataError(f"vault at {addr}: {what}: malformed answer: {reason}")
         if is_transient(exc, idempotent=not is_login):
             return VaultUnavailableError(
-                f"vault at {self.addr} unavailable: {what} failed {attempts} time(s); last error: {reason}"
+                f"vault at {addr} unavailable: {what} failed {attempts} time(s); last error: {reason}"
             )
         if isinstance(exc, hvac_errors.Forbidden | hvac_errors.Unauthorized):
-            return PermissionRefusedError(f"vault at {self.addr}: {what} denied: {reason}")
+            return PermissionRefusedError(f"vault at {addr}: {what} denied: {reason}")
         if isinstance(exc, hvac_errors.InvalidRequest):
             cls = PermissionRefusedError if is_login else DataError
-            return cls(f"vault at {self.addr}: {what} rejected: {reason}")
+            return cls(f"vault at {addr}: {what} rejected: {reason}")
         if isinstance(exc, hvac_errors.InvalidPath):
             if is_login:
-                return ConfigError(f"vault at {self.addr}: {what}: no such auth method ({reason}); check approle_mount")
-            return SourceError(f"vault at {self.addr}: {what}: {reason}")
+                return ConfigError(f"vault at {addr}: {what}: no such auth method ({reason}); check approle_mount")
+            return SourceError(f"vault at {addr}: {what}: no secret at this path ({reason})")
         if isinstance(exc, requests.exceptions.RequestException | hvac_errors.VaultError):
-            return VaultUnavailableError(f"vault at {self.addr}: {what} failed: {reason}")
-        return SecretInitError(f"vault at {self.addr}: {what} failed: {type(exc).__name__}")
+            return VaultUnavailableError(f"vault at {addr}: {what} failed: {reason}")
+        return SecretInitError(f"vault at {addr}: {what} failed: {type(exc).__name__}")
 
 
-def _session(cfg: VaultConfig, environ: Mapping[str, str]) -> requests.Session:
+def without_userinfo(url: str) -> str:
+    """The URL less any user:password@ (config refuses it; this is so that no log line can carry one)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+
+
+def _session(cfg: VaultConfig, environ: Mapping[str, str], budget: Callable[[], float]) -> VaultSession:
     """A session that reads the environment once, not on every request.
 
     With trust_env, requests scans the proxy variables and opens ~/.netrc for each request:
@@ -343,7 +417,7 @@ def _session(cfg: VaultConfig, environ: Mapping[str, str]) -> requests.Session:
     (the proxies from os.environ: requests reads nothing else).
     """
     assert cfg.addr is not None
-    session = requests.Session()
+    session = VaultSession(cfg.addr, budget)
     session.trust_env = False
     session.proxies = requests.utils.get_environ_proxies(cfg.addr)
     session.verify = cfg.ca_cert or environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or True
@@ -355,18 +429,151 @@ def _outcome_error(state: tenacity.RetryCallState) -> str:
     return describe(exc) if exc is not None else ""
 
 
+# -- judging answers: every shape a hostile server can send gets a MalformedAnswer, never a crash --
+
+
+def document(response: requests.Response) -> dict[str, Any] | None:
+    """The JSON object of a 200, None for a 204; an error status raises hvac's exception for it."""
+    status = response.status_code
+    if status >= 400:
+        raise _status_error(response)
+    if status == 204:
+        return None
+    if status != 200:
+        raise MalformedAnswer(f"HTTP {status} where 200 or 204 was expected")
+    doc = _json(response.content)
+    if not isinstance(doc, dict):
+        raise MalformedAnswer(f"a JSON {_kind(doc)} where an object was expected")
+    return doc
+
+
+def _json(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
+        raise MalformedAnswer("the body is not JSON") from None
+
+
+def _kind(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _status_error(response: requests.Response) -> hvac_errors.VaultError:
+    """hvac's exception for an error status, with Vault's `errors` when the body has a list of them."""
+    try:
+        doc = json.loads(response.content)
+    except (ValueError, RecursionError):
+        doc = None
+    errors = doc.get("errors") if isinstance(doc, dict) else None
+    if isinstance(errors, list):
+        text = None
+        errors = [e if isinstance(e, str) else json.dumps(e)[:_MAX_REASON] for e in errors[:10]]
+    else:
+        text, errors = response.content[: _MAX_REASON * 4].decode("utf-8", "replace"), None
+    return hvac_errors.VaultError.from_status(
+        response.status_code, text, errors=errors, method=response.request.method, url=response.url
+    )
+
+
+def need_object(doc: dict[str, Any] | None) -> dict[str, Any]:
+    if doc is None:
+        raise MalformedAnswer("HTTP 204 with no body where an answer was expected")
+    return doc
+
+
+def no_answer(doc: dict[str, Any] | None) -> None:
+    """A revoke: 204 (or a 200 with any object) is success."""
+
+
+def field(doc: dict[str, Any], key: str) -> dict[str, Any]:
+    value = doc.get(key)
+    if not isinstance(value, dict):
+        raise MalformedAnswer(f"{key} is a {_kind(value)}, not an object")
+    return value
+
+
+def duration(value: Any, name: str) -> float:
+    """Seconds: a number from 0 to MAX_DURATION (not a boolean, NaN or infinity)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_DURATION:
+        shown = _kind(value) if not isinstance(value, int | float) or isinstance(value, bool) else "out-of-range number"
+        raise MalformedAnswer(f"{name} is a {shown}, not a number of seconds from 0 to {MAX_DURATION}")
+    return float(value)
+
+
+def flag(value: Any, name: str) -> bool:
+    """A boolean; absent means false."""
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise MalformedAnswer(f"{name} is a {_kind(value)}, not a boolean")
+    return value
+
+
+def string_list(value: Any, name: str) -> list[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MalformedAnswer(f"{name} is not a list of strings")
+    return list(value)
+
+
+class LoginAnswer(NamedTuple):
+    token: str
+    ttl: float
+    renewable: bool
+
+
+def login_answer(doc: dict[str, Any] | None) -> LoginAnswer:
+    auth = field(need_object(doc), "auth")
+    token = auth.get("client_token")
+    if not isinstance(token, str) or not token:
+        raise MalformedAnswer(f"auth.client_token is a {_kind(token)}, not a token")
+    REDACTOR.add(token)  # before anything below could quote it
+    return LoginAnswer(
+        token, duration(auth.get("lease_duration"), "auth.lease_duration"), flag(auth.get("renewable"), "renewable")
+    )
+
+
+def lease_answer(doc: dict[str, Any] | None) -> float:
+    return duration(need_object(doc).get("lease_duration"), "lease_duration")
+
+
+def renew_answer(doc: dict[str, Any] | None) -> float:
+    return duration(field(need_object(doc), "auth").get("lease_duration"), "auth.lease_duration")
+
+
+class LookupAnswer(NamedTuple):
+    ttl: float
+    renewable: bool
+    creation_ttl: float
+
+
+def lookup_answer(doc: dict[str, Any] | None) -> LookupAnswer:
+    data = field(need_object(doc), "data")
+    ttl = duration(data.get("ttl", 0), "data.ttl")
+    creation_ttl = data.get("creation_ttl") or ttl
+    return LookupAnswer(ttl, flag(data.get("renewable"), "data.renewable"), duration(creation_ttl, "data.creation_ttl"))
+
+
 def parse_response(path: str, response: Mapping[str, Any], now: float) -> VaultSecret:
     """`now`, on the client's clock, is when Vault answered: a lease's TTL runs from then."""
     data = response.get("data")
     if not isinstance(data, dict):
-        raise DataError(f"vault: {path}: the response has no data object")
+        raise MalformedAnswer("the response has no data object")
     data = _unwrap_kv2(data)
     _register_strings(data)
     lease_id = response.get("lease_id") or ""
+    if not isinstance(lease_id, str):
+        raise MalformedAnswer(f"lease_id is a {_kind(lease_id)}, not a string")
     lease = None
     if lease_id:
-        lease = Lease(lease_id, float(response.get("lease_duration") or 0), bool(response.get("renewable")), now)
-    return VaultSecret(path, data, lease, tuple(response.get("warnings") or ()))
+        lease = Lease(
+            lease_id, duration(response.get("lease_duration"), "lease_duration"),
+            flag(response.get("renewable"), "renewable"), now,
+        )  # fmt: skip
+    warnings = string_list(response.get("warnings"), "warnings")
+    return VaultSecret(path, data, lease, tuple(warnings))
 
 
 def _unwrap_kv2(data: dict[str, Any]) -> dict[str, Any]:
@@ -378,11 +585,15 @@ def _unwrap_kv2(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def _register_strings(value: Any) -> None:
-    if isinstance(value, str):
-        REDACTOR.add(value)
-    elif isinstance(value, dict):
-        for v in value.values():
-            _register_strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            _register_strings(v)
+    """Every string in the answer, for redaction; iterative, and refusing nesting no secret needs."""
+    pending = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > MAX_NESTING:
+            raise MalformedAnswer(f"the data is nested deeper than {MAX_NESTING} levels")
+        if isinstance(item, str):
+            REDACTOR.add(item)
+        elif isinstance(item, dict):
+            pending.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            pending.extend((v, depth + 1) for v in item)

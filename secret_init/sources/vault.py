@@ -44,7 +44,7 @@ class VaultSource:
             groups.setdefault(spec.source.path, []).append(spec)
         for path, group in groups.items():
             try:
-                secret = self.client.read(path, f"for {', '.join(s.name for s in group)}")
+                secret = self.client.read(path, f"for {', '.join(s.name for s in group)}", self.max_size)
             except SecretInitError as e:
                 reading.failures.append((group[0], e))
                 continue

@@ -1,0 +1,267 @@
+"""The HTTP transport under hvac: a requests session that does not trust the server.
+
+- Redirects are followed only to the configured address's scheme, host and port (a Vault
+  standby sends clients to the active node that way); any other target is refused before
+  anything is sent to it: requests would carry X-Vault-Token and a 307's login body along.
+- Every request, redirects included, ends within its budget: a timer shuts down the socket
+  in use when the budget runs out, because the read timeout bounds each recv, not the
+  request, and a server sending a byte a second would hold the start (and the client lock).
+- An answer is read up to a byte cap before anything parses it; a Content-Length over the
+  cap is refused without reading.
+
+Only public extension points are used: Session.request, the response hook (requests runs it
+before following a redirect), HTTPAdapter.send/init_poolmanager/proxy_manager_for, a
+PoolManager's pool_classes_by_scheme and a pool's ConnectionCls.
+"""
+
+import contextlib
+import io
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import requests.adapters
+import urllib3
+import urllib3.connection
+import urllib3.exceptions
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_CHUNK = 64 * 1024
+MAX_REDIRECTS = 5
+
+
+class RedirectRefused(Exception):
+    """A redirect to another scheme, host or port than the configured address."""
+
+    def __init__(self, target: str) -> None:
+        super().__init__(f"refused a redirect to {target}")
+        self.target = target
+
+
+class AnswerTooLarge(Exception):
+    def __init__(self, cap: int) -> None:
+        super().__init__(f"the answer is over {cap} bytes")
+        self.cap = cap
+
+
+def origin(url: str) -> tuple[str, str, int] | None:
+    """(scheme, host, port) of a URL, the default port filled in; None when it has no usable one."""
+    try:
+        parts = urlsplit(url)
+        scheme, host, port = parts.scheme.lower(), parts.hostname, parts.port
+    except ValueError:  # a port that is not a number, or out of range
+        return None
+    if not host or scheme not in _DEFAULT_PORTS:
+        return None
+    return scheme, host, port or _DEFAULT_PORTS[scheme]
+
+
+def safe_url(url: str) -> str:
+    """scheme://host:port of a URL, never its userinfo, path or query (a hostile Location may carry any)."""
+    where = origin(url)
+    if where is None:
+        return "an address that is not http(s)://host[:port]"
+    scheme, host, port = where
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+
+
+class _Watch(threading.local):
+    deadline: "Deadline | None" = None
+
+
+_WATCH = _Watch()  # the deadline of the request this thread is making, if any
+
+
+class Deadline:
+    """Shuts down the sockets of the connections a request uses once `seconds` have passed."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self.passed = False
+        self._connections: list[urllib3.connection.HTTPConnection] = []
+        self._lock = threading.Lock()
+        self._armed = True
+        self._timer = threading.Timer(seconds, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> "Deadline":
+        _WATCH.deadline = self
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _WATCH.deadline = None
+        with self._lock:
+            self._armed = False
+            self._connections.clear()
+        self._timer.cancel()
+
+    def watch(self, connection: urllib3.connection.HTTPConnection) -> None:
+        with self._lock:
+            if self._armed:
+                self._connections.append(connection)
+                return
+        _shut(connection)  # made after the deadline passed
+
+    def _expire(self) -> None:
+        with self._lock:
+            if not self._armed:
+                return
+            self.passed, self._armed = True, False
+            connections = list(self._connections)
+        for connection in connections:
+            _shut(connection)
+
+
+def _shut(connection: urllib3.connection.HTTPConnection) -> None:
+    """shutdown() wakes a recv blocked in another thread at once; close() would not."""
+    sock = connection.sock
+    if sock is not None:
+        with contextlib.suppress(OSError):  # already closed
+            sock.shutdown(socket.SHUT_RDWR)
+
+
+def _watched(connection: urllib3.connection.HTTPConnection) -> None:
+    deadline = _WATCH.deadline
+    if deadline is not None:
+        deadline.watch(connection)
+
+
+class _HTTPConnection(urllib3.connection.HTTPConnection):
+    def connect(self) -> None:
+        _watched(self)
+        super().connect()
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watched(self)  # a pooled connection is reused without connect()
+        super().request(*args, **kwargs)
+
+
+class _HTTPSConnection(urllib3.connection.HTTPSConnection):
+    def connect(self) -> None:
+        _watched(self)
+        super().connect()
+
+    def request(self, *args: Any, **kwargs: Any) -> None:
+        _watched(self)
+        super().request(*args, **kwargs)
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
+
+
+def _watch_pools(manager: urllib3.PoolManager) -> None:
+    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+
+
+class _CappedAdapter(requests.adapters.HTTPAdapter):
+    """Reads each answer itself, up to `cap` bytes, with connections the deadline can find."""
+
+    def __init__(self) -> None:
+        self.cap = 1024 * 1024
+        super().__init__(max_retries=0)
+
+    def init_poolmanager(self, *args: Any, **kwargs: Any) -> None:
+        super().init_poolmanager(*args, **kwargs)
+        _watch_pools(self.poolmanager)
+
+    def proxy_manager_for(self, proxy: str, **proxy_kwargs: Any) -> Any:
+        manager = super().proxy_manager_for(proxy, **proxy_kwargs)
+        if isinstance(manager, urllib3.PoolManager):
+            _watch_pools(manager)
+        return manager
+
+    def send(self, request: requests.PreparedRequest, *args: Any, **kwargs: Any) -> requests.Response:
+        kwargs["stream"] = True
+        response = super().send(request, *args, **kwargs)
+        try:
+            body = _read_capped(response, self.cap)
+        except BaseException:
+            response.close()  # drops the connection: the rest of the answer is unread
+            raise
+        response.raw = io.BytesIO(body)  # what requests and hvac read from now on
+        return response
+
+
+def _read_capped(response: requests.Response, cap: int) -> bytes:
+    declared = response.headers.get("Content-Length", "").strip()
+    if declared.isdigit() and int(declared) > cap:
+        raise AnswerTooLarge(cap)
+    raw = response.raw
+    chunks, total = [], 0
+    try:
+        for chunk in raw.stream(_CHUNK, decode_content=True):
+            total += len(chunk)
+            if total > cap:
+                raise AnswerTooLarge(cap)
+            chunks.append(chunk)
+    except urllib3.exceptions.ReadTimeoutError as e:
+        raise requests.exceptions.ReadTimeout(str(e)) from None
+    except urllib3.exceptions.DecodeError as e:
+        raise requests.exceptions.ContentDecodingError(str(e)) from None
+    except (urllib3.exceptions.HTTPError, OSError) as e:
+        raise requests.exceptions.ChunkedEncodingError(str(e)) from None
+    raw.release_conn()
+    return b"".join(chunks)
+
+
+class VaultSession(requests.Session):
+    """The session hvac sends through: see the module docstring.
+
+    `budget()` says how many seconds the next request may take in total; `cap` is the most
+    bytes its answer may have (set per request by the caller, who holds the client's lock).
+    """
+
+    def __init__(self, addr: str, budget: Callable[[], float]) -> None:
+        super().__init__()
+        home = origin(addr)
+        if home is None:
+            raise ValueError("the Vault address must be http(s)://host[:port]")
+        self.home = home
+        self.budget = budget
+        self.max_redirects = MAX_REDIRECTS
+        self.headers["Accept-Encoding"] = "identity"  # what is counted is what is parsed
+        self.hooks["response"].append(self._refuse_foreign_redirect)
+        self.adapter = _CappedAdapter()
+        self.mount("https://", self.adapter)
+        self.mount("http://", self.adapter)
+
+    @property
+    def cap(self) -> int:
+        return self.adapter.cap
+
+    @cap.setter
+    def cap(self, value: int) -> None:
+        self.adapter.cap = value
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        seconds = max(self.budget(), 0.001)
+        kwargs["timeout"] = seconds  # each connect and recv, below the whole-request deadline
+        with Deadline(seconds) as deadline:
+            try:
+                response = super().request(method, url, *args, **kwargs)
+            except (requests.exceptions.RequestException, OSError):
+                if deadline.passed:
+                    raise requests.exceptions.ReadTimeout(f"no whole answer within {seconds:g} s") from None
+                raise
+        if deadline.passed:  # cut short, the answer may still parse: headers end at EOF, for one
+            raise requests.exceptions.ReadTimeout(f"no whole answer within {seconds:g} s")
+        return response
+
+    def _refuse_foreign_redirect(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
+        """Runs before requests follows a redirect: anywhere but home is refused before it is sent."""
+        target = self.get_redirect_target(response)
+        if target is not None:
+            url = urljoin(response.url, target)
+            if origin(url) != self.home:
+                response.close()
+                raise RedirectRefused(safe_url(url))
+        return response
