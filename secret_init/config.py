@@ -68,6 +68,12 @@ class SourceRef(NamedTuple):
 # Validators return None when the value is fine, or the reason it is not.
 
 
+def _quote(value: object, limit: int = 64) -> str:
+    """repr() for a message, cut short: a 1 MiB name must not make a 1 MiB log line."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 5]}...{text[-1]}"
+
+
 def unprintable(text: str) -> str | None:
     """The first control or format character (NUL, C1, bidi overrides, U+2028...): never in a name, path or log line."""
     import unicodedata
@@ -103,22 +109,22 @@ def validate_name(name: str) -> str | None:
 
 def validate_env_name(env: str) -> str | None:
     if not re.fullmatch(_ENV_NAME, env):
-        return f"{env!r} is not a valid environment variable name"
+        return f"{_quote(env)} is not a valid environment variable name"
     if env.startswith(SCRUBBED_ENV_PREFIXES):
-        return f"{env!r} uses a prefix secret-init removes from the child's environment"
+        return f"{_quote(env)} uses a prefix secret-init removes from the child's environment"
     return None
 
 
 def validate_user_spec(user: str) -> str | None:
     if re.fullmatch(_UID_GID, user) or re.fullmatch(_USER_NAME, user):
         return None
-    return f"{user!r} is neither a user name nor uid:gid"
+    return f"{_quote(user)} is neither a user name nor uid:gid"
 
 
 def parse_reference(text: str) -> SourceRef:
     kind, sep, rest = text.partition(":")
     if not sep or kind not in SOURCE_KINDS:
-        raise ConfigError(f"{text!r} must start with swarm:, file: or vault:")
+        raise ConfigError(f"{_quote(text)} must start with swarm:, file: or vault:")
     if kind == "swarm":
         reason = validate_name(rest)
         return _reject(f"swarm secret name {reason}") if reason else SourceRef("swarm", rest)
@@ -154,7 +160,7 @@ def parse_signal(name: str) -> int:
     full = name.upper() if name.upper().startswith("SIG") else f"SIG{name.upper()}"
     number = getattr(signal.Signals, full, None) if full.isidentifier() else None
     if number is None or full in ("SIGKILL", "SIGSTOP", "SIGCHLD"):
-        raise ConfigError(f"{name!r} is not a signal that can be sent to stop or reload an app")
+        raise ConfigError(f"{_quote(name)} is not a signal that can be sent to stop or reload an app")
     return int(number)
 
 
@@ -173,7 +179,7 @@ def parse_duration(value: object) -> float:
             seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
             pos = m.end()
         if pos != len(text) or pos == 0:
-            raise ConfigError(f'{value!r} is not a duration like "30s", "5m" or "1h30m"')
+            raise ConfigError(f'{_quote(value)} is not a duration like "30s", "5m" or "1h30m"')
     else:
         raise ConfigError('expected a duration like "30s"')
     if seconds != seconds:  # NaN: every comparison with it is false, so a timeout never fires
@@ -194,7 +200,7 @@ def parse_mode(value: object) -> int:
     elif isinstance(value, str) and re.fullmatch(r"(0o?)?[0-7]{1,4}", value):
         mode = int(value.removeprefix("0o"), 8)
     else:
-        raise ConfigError(f'{value!r} is not an octal mode like "0400"')
+        raise ConfigError(f'{_quote(value)} is not an octal mode like "0400"')
     if mode in ALLOWED_MODES:
         return mode
     meant = int(str(value), 8) if isinstance(value, int) and re.fullmatch(r"[0-7]{3,4}", str(value)) else None
@@ -253,7 +259,7 @@ def _url(value: object) -> str | None:
     if reason := unprintable(text):
         _reject(reason)
     if text and not (re.fullmatch(_VAULT_ADDR, text) and _host_and_port_parse(text)):
-        _reject(f"must look like http(s)://HOST:PORT, not {value!r}")
+        _reject(f"must look like http(s)://HOST:PORT, not {_quote(value)}")
     return text or None
 
 
@@ -284,13 +290,13 @@ def _env_patterns(value: object) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         _reject("must be a list of strings")
     bad = [name for name in value if not re.fullmatch(_ENV_NAME, name.removesuffix("*"))]
-    return _reject(f"{bad[0]!r} is not a variable name (or PREFIX*)") if bad else tuple(value)
+    return _reject(f"{_quote(bad[0])} is not a variable name (or PREFIX*)") if bad else tuple(value)
 
 
 def _choice(a: str, b: str) -> _Type:
     def parse(value: object) -> str | None:
         if _str(value) and value not in (a, b):
-            _reject(f'must be "{a}" or "{b}", not {value!r}')
+            _reject(f'must be "{a}" or "{b}", not {_quote(value)}')
         return _str(value) or None
 
     return _Type(f'`"{a}"` or `"{b}"`', parse)
@@ -445,7 +451,8 @@ def load(path: str, environ: Mapping[str, str]) -> Config:
 
 def _shown(text: str) -> str:
     """A string for a one-line message: as it is, or escaped when it holds a control or format character."""
-    return text if unprintable(text) is None else ascii(text)
+    shown = text if unprintable(text) is None else ascii(text)
+    return shown if len(shown) <= 200 else f"{shown[:195]}..."
 
 
 def _read_config_file(path: str) -> str:
@@ -503,12 +510,13 @@ def _check_output_dir_on_disk(directory: str, path: str) -> None:
     real = os.path.realpath(directory)  # for a dir not made yet: its parent resolved, its name appended
     if real in SHARED_DIRS or real in {os.path.realpath(d) for d in SHARED_DIRS}:
         raise ConfigError(
-            f"config {path}: [output]: dir {directory} resolves to {real}, a shared system directory; "
+            f"config {path}: [output]: dir {_shown(directory)} resolves to {real}, a shared system directory; "
             f"use a dedicated one such as {DEFAULT_OUTPUT_DIR}"
         )
     if os.path.islink(directory):
         raise PermissionRefusedError(
-            f"config {path}: [output]: dir {directory} is a symlink (to {real}); name the directory itself"
+            f"config {path}: [output]: dir {_shown(directory)} is a symlink (to {_shown(real)}); "
+            "name the directory itself"
         )
 
 
@@ -573,7 +581,7 @@ def _parse(data: dict[str, object], path: str, environ: Mapping[str, str]) -> Co
         except ConfigError as e:
             _fail("[process]", "on_rotate", str(e))
     elif process.on_rotate not in ("restart", "none"):
-        _fail("[process]", "on_rotate", f'must be "restart", "signal:NAME" or "none", not {process.on_rotate!r}')
+        _fail("[process]", "on_rotate", f'must be "restart", "signal:NAME" or "none", not {_quote(process.on_rotate)}')
     sidecar = _read(SidecarConfig, data.get("sidecar"), "[sidecar]")
     secrets = _parse_secrets(data.get("secret", []), output)
     vault, notes = _vault_from_env(vault, environ, any(s.source.kind == "vault" for s in secrets))
@@ -598,7 +606,7 @@ def _parse_secrets(items: object, output: OutputConfig) -> tuple[SecretSpec, ...
     envs: set[str | None] = set()
     for i, item in enumerate(items, 1):
         name = item.get("name") if isinstance(item, dict) else None
-        where = f"[[secret]] {name!r}" if isinstance(name, str) else f"[[secret]] #{i}"
+        where = f"[[secret]] {_quote(name)}" if isinstance(name, str) else f"[[secret]] #{i}"
         spec = _read(SecretSpec, item, where, {"mode": output.mode})
         if spec.template is not None and (spec.source.kind != "vault" or spec.source.field is not None):
             _fail(where, "template", "needs a vault: source without #field (the template picks the fields)")
@@ -649,7 +657,8 @@ def _declared(cls: type[_R]) -> dict[str, tuple[_Type, str, str | None]]:
 def _check_known(table: dict[str, object], where: str, known: Mapping[str, object]) -> None:
     unknown = sorted(set(table) - set(known))
     if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {', '.join(_shown(key) for key in unknown)}")
+        more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(_shown(key) for key in unknown[:5])}{more}")
 
 
 def _read(cls: type[_R], table: object, where: str, defaults: Mapping[str, object] | None = None) -> _R:
