@@ -639,3 +639,21 @@ def test_render_into_another_spelling_of_tmp_touches_nothing_there(spelling: str
     assert ["tmp", f"{stat.S_IMODE(0o1777):o} 0 0"] in facts
     entries = sorted(value for key, value in facts if key == "entry")
     assert entries == [".si-tmp-others", "others", "si-cfg"]
+
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize(
+    "text",
+    [
+        f'[[secret]]\nname = "{"n" * 100_000}"\nsource = "swarm:x"\n',
+        f'[[secret]]\nname = "x"\nsource = "{"q" * 100_000}"\n',
+        "".join(f"k{i} = 1\n" for i in range(20_000)),
+        f'[output]\ndir = "/run/{"d/" * 30_000}../x"\n',
+        f'[vault]\naddr = "{"v" * 100_000}"\n',
+    ],
+)
+def test_a_huge_value_makes_a_short_message(text: str) -> None:
+    """A 100 KB name was quoted whole: one log line as big as the config file."""
+    with pytest.raises(ConfigError) as info:
+        load_text(text, "bad.toml", {})
+    assert len(str(info.value)) < 400
