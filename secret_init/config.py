@@ -24,6 +24,7 @@ DEFAULT_MAX_SECRET_SIZE = 1024 * 1024
 MAX_SECRET_SIZE_LIMIT = 64 * 1024 * 1024  # the largest max_secret_size: a secret is read into memory whole
 MAX_CONFIG_SIZE = 1024 * 1024
 MAX_NAME_BYTES = 255
+MAX_ID = 2**32 - 2  # the largest uid or gid: 2**32 - 1 is (uid_t)-1
 MAX_DURATION = 365 * 86400.0  # any duration: far beyond a sane one, far below what time arithmetic overflows on
 # A secret file's mode: owner read, optionally owner write, optionally group read; never others.
 ALLOWED_MODES = (0o400, 0o440, 0o600, 0o640)
@@ -116,7 +117,11 @@ def validate_env_name(env: str) -> str | None:
 
 
 def validate_user_spec(user: str) -> str | None:
-    if re.fullmatch(_UID_GID, user) or re.fullmatch(_USER_NAME, user):
+    if ids := re.fullmatch(_UID_GID, user):
+        # (uid_t)-1 means "leave unchanged" to chown and setresuid: a file would stay root's
+        too_big = any(int(n) > MAX_ID for n in ids.groups())
+        return f"{_quote(user)}: a uid or gid must be at most {MAX_ID}" if too_big else None
+    if re.fullmatch(_USER_NAME, user):
         return None
     return f"{_quote(user)} is neither a user name nor uid:gid"
 
@@ -586,6 +591,8 @@ def _parse(data: dict[str, object], path: str, environ: Mapping[str, str]) -> Co
     secrets = _parse_secrets(data.get("secret", []), output)
     vault, notes = _vault_from_env(vault, environ, any(s.source.kind == "vault" for s in secrets))
     swarm_dir = environ.get("SECRET_INIT_SWARM_DIR") or DEFAULT_SWARM_DIR
+    if any(s.source.kind == "swarm" for s in secrets) and (reason := validate_path(swarm_dir)):
+        _fail("environment", "$SECRET_INIT_SWARM_DIR", reason)
     return Config(path, output, vault, process, secrets, swarm_dir, sidecar, notes)
 
 

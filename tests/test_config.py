@@ -657,3 +657,43 @@ def test_a_huge_value_makes_a_short_message(text: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_text(text, "bad.toml", {})
     assert len(str(info.value)) < 400
+
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize("user", ["4294967295:0", "0:4294967295", "99999999999999999999:1", "1:" + "9" * 400])
+def test_a_uid_or_gid_beyond_uid_t_is_a_config_error(user: str) -> None:
+    """4294967295 is (uid_t)-1, "unchanged" to chown: render left files root's; bigger: OverflowError, exit 70."""
+    for where in ("[output]\n", '[[secret]]\nname = "x"\nsource = "swarm:x"\n'):
+        with pytest.raises(ConfigError, match="a uid or gid must be at most 4294967294"):
+            load_text(f'{where}user = "{user}"\n', "bad.toml", {})
+    assert load_text('[output]\nuser = "4294967294:4294967294"\n', "x", {}).output.user == "4294967294:4294967294"
+
+
+@needs_root
+@pytest.mark.hostile("config")
+def test_a_huge_uid_through_render_is_78_not_an_internal_error(tmpfs: Path) -> None:
+    secret = random_secret("uid")
+    (tmpfs / "source").write_text(secret)
+    config = tmpfs / "config.toml"
+    config.write_text(
+        f'[output]\ndir = "{tmpfs}/out"\nuser = "99999999999999999999:1"\n'
+        f'[[secret]]\nname = "a"\nsource = "file:{tmpfs}/source"\n'
+    )
+    result = run_cli("render", "--config", str(config))
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmpfs / "out").exists()
+
+
+@pytest.mark.hostile("config")
+@pytest.mark.parametrize("swarm_dir", ["relative/secrets", "/run/se\u202ecrets", "/run/\x85"])
+def test_the_swarm_dir_from_the_environment_is_an_absolute_printable_path(swarm_dir: str) -> None:
+    env = {"SECRET_INIT_SWARM_DIR": swarm_dir}
+    with pytest.raises(ConfigError, match=r"environment: \$SECRET_INIT_SWARM_DIR ") as info:
+        load_text(SWARM_ONLY, "bad.toml", env)
+    assert unprintable_free(str(info.value))
+    assert load_text(VAULT_ONE, "x.toml", {**env, "VAULT_ADDR": "http://127.0.0.1:1"}).swarm_dir == swarm_dir
+
+
+def unprintable_free(text: str) -> bool:
+    return all(c.isprintable() for c in text)
