@@ -591,8 +591,8 @@ def _parse(data: dict[str, object], path: str, environ: Mapping[str, str]) -> Co
     secrets = _parse_secrets(data.get("secret", []), output)
     vault, notes = _vault_from_env(vault, environ, any(s.source.kind == "vault" for s in secrets))
     swarm_dir = environ.get("SECRET_INIT_SWARM_DIR") or DEFAULT_SWARM_DIR
-    if any(s.source.kind == "swarm" for s in secrets) and (reason := validate_path(swarm_dir)):
-        _fail("environment", "$SECRET_INIT_SWARM_DIR", reason)
+    if any(s.source.kind == "swarm" for s in secrets) and (problem := validate_path(swarm_dir)):
+        _fail("environment", "$SECRET_INIT_SWARM_DIR", problem)
     return Config(path, output, vault, process, secrets, swarm_dir, sidecar, notes)
 
 
