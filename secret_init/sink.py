@@ -5,12 +5,21 @@ owner and mode on the descriptor before a byte is written, then renamed over the
 one. A whole set is staged before any rename, so a failure leaves the old files and no
 temp file. All paths are resolved relative to one directory descriptor: a swapped
 directory or a planted symlink is never followed.
+
+The app can open the output dir and anything in it its group may read, so it can hold
+any lock on them. secret-init's own locks are files in `.secret-init/` that only root
+can open (0600, made with O_EXCL once the dir is root's); anything else found under
+those names was planted, and is removed first. No open here can block on what the app
+planted (O_NONBLOCK, and a type check before any read), and no lock is waited on
+without bound.
 """
 
 import errno
 import fcntl
 import os
+import shutil
 import stat
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from hmac import compare_digest
@@ -27,7 +36,11 @@ log = structlog.get_logger()
 
 TEMP_PREFIX = ".si-tmp-"
 OWNER_LOCK = "owner.lock"
+WRITE_LOCK = "write.lock"  # held while one secret-init writes; the app cannot open it
+LOCK_WAIT = 10.0  # seconds: another secret-init writes in milliseconds
+LOCK_POLL = 0.01
 DIR_MODE = 0o750
+PRIVATE_MODE = 0o600
 
 
 class Owner(NamedTuple):
@@ -55,10 +68,11 @@ class Sink:
     the app can read its files but not create, replace or delete them.
     """
 
-    def __init__(self, directory: str, dir_group: int, allow_non_tmpfs: bool) -> None:
+    def __init__(self, directory: str, dir_group: int, allow_non_tmpfs: bool, lock_wait: float = LOCK_WAIT) -> None:
         self.dir = directory.rstrip("/") or "/"
         self.dir_group = dir_group
         self.allow_non_tmpfs = allow_non_tmpfs
+        self.lock_wait = lock_wait
 
     # -- the directory --------------------------------------------------------------
 
@@ -85,12 +99,12 @@ class Sink:
             pass
         except OSError as e:
             raise WriteError(f"output dir {self.dir} cannot be created: {e.strerror}") from None
-        with self._locked_dir() as dfd:
+        with self._locked_dir() as dirs:
             try:
-                self._fix_dir(dfd)
-                for entry in os.scandir(dfd):
-                    if entry.name.startswith(TEMP_PREFIX):
-                        _unlink_quietly(entry.name, dfd)
+                for dfd in dirs:
+                    for entry in os.scandir(dfd):
+                        if entry.name.startswith(TEMP_PREFIX):
+                            _unlink_quietly(entry.name, dfd)
             except OSError as e:
                 raise WriteError(f"output dir {self.dir}: {e.strerror or e}") from None
 
@@ -108,11 +122,61 @@ class Sink:
             raise PermissionRefusedError(f"output dir {self.dir}: cannot set owner or mode: {e.strerror}") from None
 
     @contextmanager
-    def _locked_dir(self) -> Iterator[int]:
-        """The directory, locked against another secret-init writing into it at the same time."""
+    def _locked_dir(self) -> Iterator["Dirs"]:
+        """The output dir and `.secret-init`, both fixed, locked against another secret-init writing.
+
+        The lock is `.secret-init/write.lock`, never the dir itself: the app can open the dir.
+        """
         with self._open_dir() as dfd:
-            fcntl.flock(dfd, fcntl.LOCK_EX)
-            yield dfd  # closing the descriptor releases the lock
+            self._fix_dir(dfd)
+            sfd = self._status_dir(dfd)
+            try:
+                lock = self._private_file(WRITE_LOCK, sfd)
+                try:
+                    self._wait_for_lock(lock)
+                    yield Dirs(dfd, sfd)
+                finally:
+                    os.close(lock)  # releases the lock
+            finally:
+                os.close(sfd)
+
+    def _wait_for_lock(self, fd: int) -> None:
+        """flock `fd`, waiting at most lock_wait: only another secret-init can hold it, briefly."""
+        deadline = time.monotonic() + self.lock_wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise SecretInitError(
+                        f"output dir {self.dir}: another secret-init has held {STATUS_DIR}/{WRITE_LOCK} "
+                        f"for {self.lock_wait:g} s",
+                        ExitCode.TEMPFAIL,
+                    ) from None
+                time.sleep(LOCK_POLL)
+
+    def _private_file(self, name: str, dfd: int) -> int:
+        """Open NAME in `dfd` read-write: a regular file of ours, 0600, one link; a planted one is removed first.
+
+        Called only once `dfd` is ours, so nobody else can plant it again meanwhile.
+        """
+        path = f"{self.dir}/{STATUS_DIR}/{name}"
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            found = _lstat(name, dfd)
+            if found is not None and not _is_private(found):
+                log.warning("removing a file planted in secret-init's state dir", path=path, kind=_kind(found))
+                _remove_planted(name, dfd, path)
+                found = None
+            fd = os.open(name, flags | (os.O_CREAT | os.O_EXCL if found is None else 0), PRIVATE_MODE, dir_fd=dfd)
+        except OSError as e:
+            raise WriteError(f"{path}: {e.strerror or e}") from None
+        st = os.fstat(fd)
+        if not _is_private(st) or (found is not None and not _same_file(st, found)):
+            os.close(fd)
+            raise WriteError(f"{path}: changed while being opened")
+        return fd
 
     @contextmanager
     def _open_dir(self) -> Iterator[int]:
@@ -135,8 +199,8 @@ class Sink:
         Renames within one directory fail only in odd cases (a mount on a destination);
         then the files renamed before it are already new.
         """
-        with self._locked_dir() as dfd:
-            changed = self._write_set(files, dfd)
+        with self._locked_dir() as dirs:
+            changed = self._write_set(files, dirs.out)
         results = []
         for f in files:
             path = f"{self.dir}/{f.name}"
@@ -151,18 +215,12 @@ class Sink:
         An flock on `.secret-init/owner.lock`, held until this process exits (or execs:
         the descriptor is close-on-exec). It works across containers sharing the volume.
         """
-        with self._locked_dir() as dfd:
-            sfd = self._status_dir(dfd, None)
-            try:
-                fd = os.open(OWNER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=sfd)
-            except OSError as e:
-                raise WriteError(f"{self.dir}/{STATUS_DIR}/{OWNER_LOCK}: {e.strerror}") from None
-            finally:
-                os.close(sfd)
+        with self._locked_dir() as dirs:
+            fd = self._private_file(OWNER_LOCK, dirs.state)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
             os.close(fd)
             raise SecretInitError(
                 f"output dir {self.dir} is already managed by another secret-init (pid {holder} in its namespace); "
@@ -173,35 +231,39 @@ class Sink:
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         return fd
 
-    def _status_dir(self, dfd: int, group: int | None) -> int:
-        """Open (creating it if needed) `.secret-init`, 0750 with the app's group."""
+    def _status_dir(self, dfd: int) -> int:
+        """Open (creating it if needed) `.secret-init`, 0750 with the app's group; anything else there is removed."""
+        path = f"{self.dir}/{STATUS_DIR}"
         try:
-            os.mkdir(STATUS_DIR, DIR_MODE, dir_fd=dfd)
-        except FileExistsError:
-            pass
+            found = _lstat(STATUS_DIR, dfd)
+            if found is not None and not stat.S_ISDIR(found.st_mode):
+                log.warning("removing a file planted as secret-init's state dir", path=path, kind=_kind(found))
+                os.unlink(STATUS_DIR, dir_fd=dfd)
+                found = None
+            if found is None:
+                os.mkdir(STATUS_DIR, 0o700, dir_fd=dfd)
+            flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+            sfd = os.open(STATUS_DIR, flags, dir_fd=dfd)
         except OSError as e:
-            raise WriteError(f"{self.dir}/{STATUS_DIR}: {e.strerror}") from None
+            raise WriteError(f"{path}: {e.strerror or e}") from None
         try:
-            sfd = os.open(STATUS_DIR, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dfd)
-        except OSError as e:
-            raise PermissionRefusedError(f"{self.dir}/{STATUS_DIR}: {e.strerror}") from None
-        try:
+            # Owner first, then mode: a mode the app set stops mattering once the dir is root's.
             if os.geteuid() == 0:
-                os.fchown(sfd, 0, self.dir_group if group is None else group)
+                os.fchown(sfd, 0, self.dir_group)
             os.fchmod(sfd, DIR_MODE)
         except OSError as e:
             os.close(sfd)
-            raise WriteError(f"{self.dir}/{STATUS_DIR}: {e.strerror}") from None
+            raise WriteError(f"{path}: {e.strerror}") from None
         return sfd
 
     def write_status(self, name: str, data: bytes, owner: Owner) -> None:
         """Write `.secret-init/NAME` (0440, readable by the app's group) the same atomic way."""
-        with self._locked_dir() as dfd:
-            sfd = self._status_dir(dfd, owner.gid)
-            try:
-                self._write_set([OutputFile(name, Hidden(data), 0o440, owner)], sfd)
-            finally:
-                os.close(sfd)
+        with self._locked_dir() as dirs:
+            found = _lstat(name, dirs.state)
+            if found is not None and stat.S_ISDIR(found.st_mode):  # our own dir: a directory there was planted
+                log.warning("removing a directory planted as a status file", name=name)
+                _remove_planted(name, dirs.state, f"{self.dir}/{STATUS_DIR}/{name}")
+            self._write_set([OutputFile(name, Hidden(data), 0o440, owner)], dirs.state)
 
     def _write_set(self, files: Sequence[OutputFile], dfd: int) -> set[str]:
         """Stage every changed file in the directory `dfd`, then rename them all; the changed names."""
@@ -252,31 +314,84 @@ class Sink:
         return WriteError(f"{path}: {what}: {e.strerror}")
 
 
+class Dirs(NamedTuple):
+    """Descriptors of the output dir and of its `.secret-init`."""
+
+    out: int
+    state: int
+
+
 def _is_current(f: OutputFile, dfd: int) -> bool:
-    """True when the destination is a regular file with these bytes, owner and mode."""
+    """True when the destination is a regular file with these bytes, owner and mode.
+
+    Only a regular file is opened, and without blocking: an app's lease makes it "not current".
+    """
     want = f.data.reveal()
+    found = _lstat(f.name, dfd)
+    if found is None:
+        return False
+    if stat.S_ISDIR(found.st_mode):
+        raise WriteError(f"{f.name}: a directory is in the way of the file")
+    if stat.S_ISLNK(found.st_mode):
+        log.warning("replacing a symlink at the destination without following it", name=f.name)
+    if not stat.S_ISREG(found.st_mode) or found.st_size != len(want):
+        return False
+    if (found.st_uid, found.st_gid, stat.S_IMODE(found.st_mode)) != (f.owner.uid, f.owner.gid, f.mode):
+        return False
     try:
         fd = os.open(f.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dfd)
-    except FileNotFoundError:
-        return False
-    except OSError as e:
-        if e.errno == errno.ELOOP:
-            log.warning("replacing a symlink at the destination without following it", name=f.name)
-            return False
-        if e.errno == errno.EISDIR:
-            raise WriteError(f"{f.name}: a directory is in the way of the file") from None
-        return False
+    except OSError:
+        return False  # e.g. EWOULDBLOCK: the app holds a lease on it; a new file replaces it
     try:
-        st = os.fstat(fd)
-        if stat.S_ISDIR(st.st_mode):
-            raise WriteError(f"{f.name}: a directory is in the way of the file")
-        if not stat.S_ISREG(st.st_mode) or st.st_size != len(want):
-            return False
-        if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (f.owner.uid, f.owner.gid, f.mode):
-            return False
-        return compare_digest(os.read(fd, len(want) + 1), want)
+        return _same_file(os.fstat(fd), found) and compare_digest(os.read(fd, len(want) + 1), want)
     finally:
         os.close(fd)
+
+
+def _lstat(name: str, dfd: int) -> os.stat_result | None:
+    try:
+        return os.stat(name, dir_fd=dfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise WriteError(f"{name}: {e.strerror}") from None
+
+
+def _is_private(st: os.stat_result) -> bool:
+    """A file only this uid can open, linked nowhere else: nobody else can hold it open or locked."""
+    return (
+        stat.S_ISREG(st.st_mode)
+        and st.st_uid == os.geteuid()
+        and st.st_nlink == 1
+        and stat.S_IMODE(st.st_mode) == PRIVATE_MODE
+    )
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _kind(st: os.stat_result) -> str:
+    kinds = {stat.S_IFLNK: "symlink", stat.S_IFDIR: "directory", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+    if stat.S_IFMT(st.st_mode) in kinds:
+        return kinds[stat.S_IFMT(st.st_mode)]
+    if not stat.S_ISREG(st.st_mode):
+        return "device"
+    return f"file uid {st.st_uid} mode {stat.S_IMODE(st.st_mode):04o} links {st.st_nlink}"
+
+
+def _remove_planted(name: str, dfd: int, path: str) -> None:
+    """Remove what is at NAME without following it; a directory with everything in it."""
+    found = _lstat(name, dfd)
+    if found is None:
+        return
+    try:
+        if stat.S_ISDIR(found.st_mode):
+            shutil.rmtree(name, dir_fd=dfd)
+        else:
+            os.unlink(name, dir_fd=dfd)
+    except OSError as e:
+        raise WriteError(f"{path}: a planted {_kind(found)} cannot be removed: {e.strerror or e}") from None
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from secret_init import fsinfo
-from secret_init.errors import ExitCode, PermissionRefusedError, WriteError
+from secret_init.errors import ExitCode, PermissionRefusedError, SecretInitError, WriteError
 from secret_init.model import Hidden
 from secret_init.sink import TEMP_PREFIX, OutputFile, Owner, Sink
 from tests.conftest import needs_root
@@ -123,22 +123,41 @@ def test_full_disk_keeps_old_files_and_leaves_no_temp(small_tmpfs: Path) -> None
     assert temp_files(small_tmpfs / "s") == []
 
 
+def hold_write_lock(out: Path) -> int:
+    """What another secret-init does while it writes: an flock on .secret-init/write.lock."""
+    fd = os.open(out / ".secret-init" / "write.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    return fd
+
+
 def test_a_second_writer_waits_for_the_first(tmpfs: Path) -> None:
-    """The sink locks the directory: a write blocks while another holder has the lock."""
+    """The sink locks .secret-init/write.lock: a write waits while another secret-init holds it."""
     out = tmpfs / "s"
     sink = ready_sink(out)
-    dfd = os.open(out, os.O_RDONLY | os.O_DIRECTORY)
-    fcntl.flock(dfd, fcntl.LOCK_EX)
+    lock = hold_write_lock(out)
     writer = threading.Thread(target=sink.write, args=([out_file("a", b"x")],))
     writer.start()
     writer.join(0.5)
     assert writer.is_alive() and not (out / "a").exists()
-    os.close(dfd)  # releases the lock
+    os.close(lock)  # releases the lock
     writer.join(10)
     assert not writer.is_alive() and (out / "a").read_bytes() == b"x"
 
 
-@pytest.mark.hostile("filesystem")
+def test_a_write_lock_held_too_long_is_a_75_not_a_hang(tmpfs: Path) -> None:
+    out = tmpfs / "s"
+    ready_sink(out)
+    lock = hold_write_lock(out)
+    try:
+        with pytest.raises(SecretInitError) as info:
+            Sink(str(out), 10002, False, lock_wait=0.3).write([out_file("a", b"x")])
+    finally:
+        os.close(lock)
+    assert info.value.exit_code == ExitCode.TEMPFAIL
+    assert "write.lock" in str(info.value) and "\n" not in str(info.value)
+    assert not (out / "a").exists()
+
+
 def test_stale_temp_files_are_removed(tmpfs: Path) -> None:
     out = tmpfs / "s"
     out.mkdir()

@@ -1,0 +1,471 @@
+"""The app user attacks the output dir: locks, plants, chmod, a full tmpfs. All for real.
+
+The attacker is a small Python process run as the real unprivileged `app_user`; it does
+what it is told (see ATTACKER), prints what worked, then holds everything until its stdin
+closes. secret-init runs as root through the real CLI, with generous timeouts: a hang is
+a failed test, not a stuck session.
+"""
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    REPO,
+    Bao,
+    UnixUser,
+    app_command,
+    base_env,
+    log_events,
+    needs_root,
+    random_secret,
+    record_cases,
+    record_output,
+    run_cli,
+    write_config,
+)
+
+pytestmark = needs_root
+
+FAST = 8.0  # seconds: every run here takes well under one; a lock wait would take forever
+
+ATTACKER = r"""
+import errno, fcntl, json, os, signal, socket, struct, sys
+signal.signal(signal.SIGIO, signal.SIG_IGN)  # a lease break notice must not end the attacker
+held, done = [], {}
+def ro(path):
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    held.append(fd)
+    return fd
+def flock(path):
+    fcntl.flock(ro(path), fcntl.LOCK_EX | fcntl.LOCK_NB)
+def lockf(path):
+    fcntl.lockf(ro(path), fcntl.LOCK_SH | fcntl.LOCK_NB)
+def ofd(path):
+    fcntl.fcntl(ro(path), fcntl.F_OFD_SETLK, struct.pack("hhqqi4x", fcntl.F_RDLCK, 0, 0, 0, 0))
+def lease(path):
+    fcntl.fcntl(ro(path), fcntl.F_SETLEASE, fcntl.F_WRLCK)
+def owned_flocked(path):
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    held.append(fd)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+def plant_socket(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    held.append(s)
+def fill(path):
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        while True:
+            os.write(fd, b"x" * 4096)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+    finally:
+        os.close(fd)
+def plant_dir(path):
+    os.mkdir(path)
+    open(os.path.join(path, "inside"), "w").close()
+ops = {
+    "flock": flock, "lockf": lockf, "ofd": ofd, "lease": lease, "keep_open": ro,
+    "owned_flocked": owned_flocked, "socket": plant_socket, "fill": fill, "dir": plant_dir,
+    "mkdir": lambda p: os.mkdir(p, 0o777), "fifo": os.mkfifo,
+    "symlink": lambda p, target: os.symlink(target, p), "hardlink": lambda p, src: os.link(src, p),
+    "chmod": lambda p, mode: os.chmod(p, int(mode, 8)), "chown": lambda p: os.chown(p, os.getuid(), os.getgid()),
+    "create": lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)),
+    "open_rw": lambda p: os.close(os.open(p, os.O_RDWR | os.O_NONBLOCK)),
+    "open_ro": lambda p: os.close(os.open(p, os.O_RDONLY | os.O_NONBLOCK)),
+    "unlink": os.unlink, "rename": lambda p, dst: os.rename(p, dst),
+    "acl": lambda p: os.setxattr(p, "system.posix_acl_access", b"\x02\x00\x00\x00"),
+}
+for i, (op, *args) in enumerate(json.loads(sys.argv[1])):
+    try:
+        ops[op](*args)
+        done[f"{i} {op}"] = "ok"
+    except OSError as e:
+        done[f"{i} {op}"] = errno.errorcode.get(e.errno, str(e.errno))
+print(json.dumps(done), flush=True)
+sys.stdin.read()  # hold every descriptor, lock and lease until the test is done
+"""
+
+
+class Attacker:
+    def __init__(self, proc: "subprocess.Popen[str]", results: dict[str, str]) -> None:
+        self.proc = proc
+        self.results = results
+
+    def outcomes(self) -> list[str]:
+        return list(self.results.values())
+
+
+@contextmanager
+def attacking(workdir: Path, user: UnixUser, *actions: tuple[str, ...]) -> Iterator[Attacker]:
+    """Run ATTACKER as the app user; yields once every action was tried (and is still held)."""
+    script = app_command(workdir, "attacker", ATTACKER)
+    proc = subprocess.Popen(
+        [*script, json.dumps(actions)],
+        user=user.uid, group=user.gid, extra_groups=[user.gid, user.extra_gid],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line, f"the attacker failed: {proc.communicate(timeout=10)[1]}"
+        yield Attacker(proc, json.loads(line))
+    finally:
+        proc.communicate(timeout=10)  # closing stdin lets it go
+
+
+def as_app(workdir: Path, user: UnixUser, *actions: tuple[str, ...]) -> list[str]:
+    """Try `actions` as the app user and let go at once; the outcome of each ("ok" or an errno name)."""
+    with attacking(workdir, user, *actions) as attacker:
+        return attacker.outcomes()
+
+
+def file_config(workdir: Path, out: Path, user: UnixUser, extra: str = "") -> tuple[Path, Path]:
+    """A config with one file source, `token`; returns it and the source file."""
+    source = workdir / "token-source"
+    source.write_text(random_secret("first"))
+    cfg = write_config(
+        workdir,
+        f'[output]\ndir = "{out}"\nuser = "{user.name}"\n{extra}'
+        f'[[secret]]\nname = "token"\nsource = "file:{source}"\nenv = "TOKEN_FILE"\n',
+    )
+    return cfg, source
+
+
+def timed_render(cfg: Path) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    result = run_cli("render", "--config", str(cfg), timeout=60)
+    return result, time.monotonic() - started
+
+
+def is_private(path: Path) -> bool:
+    st = path.lstat()
+    return stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_nlink, stat.S_IMODE(st.st_mode)) == (0, 1, 0o600)
+
+
+def only_error(stderr: str) -> str:
+    """The one error secret-init logged: one line, no traceback."""
+    errors = [e["event"] for e in log_events(stderr) if e["level"] in ("error", "critical")]
+    assert len(errors) == 1 and "\n" not in errors[0] and "Traceback" not in stderr, stderr
+    return str(errors[0])
+
+
+# -- the app holds every lock it can ----------------------------------------------------------
+
+
+def every_lock_on(out: Path, name: str) -> list[tuple[str, ...]]:
+    """Every lock the app can hold on the dir and on its own file NAME (a write lease excludes them: see below)."""
+    file = str(out / name)
+    return [
+        ("flock", str(out)), ("flock", str(out / ".secret-init")), ("flock", file),
+        ("lockf", file), ("ofd", file), ("keep_open", file),
+        ("flock", str(out / ".secret-init" / "owner.lock")), ("flock", str(out / ".secret-init" / "write.lock")),
+    ]  # fmt: skip
+
+
+@pytest.mark.hostile("app-user")
+def test_render_finishes_while_the_app_holds_every_lock_it_can(tmpfs: Path, workdir: Path, app_user: UnixUser) -> None:
+    """Was: the app's flock on the output dir froze every later write. Now nothing the app holds is waited on."""
+    out = tmpfs / "out"
+    cfg, source = file_config(workdir, out, app_user)
+    assert run_cli("render", "--config", str(cfg)).returncode == 0
+    second = random_secret("second")
+    source.write_text(second)
+    with attacking(workdir, app_user, *every_lock_on(out, "token")) as attacker:
+        outcomes = attacker.outcomes()
+        result, took = timed_render(cfg)
+    assert outcomes[:6] == ["ok"] * 6, outcomes  # every lock on the dir and the file was really held
+    assert outcomes[6:] == ["EACCES", "EACCES"], outcomes  # secret-init's own locks cannot even be opened
+    assert result.returncode == 0, result.stderr
+    assert took < FAST
+    assert (out / "token").read_text() == second
+    record_cases("app-user", len(outcomes))
+
+
+@pytest.mark.hostile("app-user")
+def test_an_app_write_lease_on_its_file_costs_a_rewrite_not_a_wait(
+    tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """The app owns its file, so it may take a write lease: reading it back must not wait lease-break-time."""
+    out = tmpfs / "out"
+    cfg, source = file_config(workdir, out, app_user)
+    assert run_cli("render", "--config", str(cfg)).returncode == 0
+    with attacking(workdir, app_user, ("lease", str(out / "token"))) as attacker:
+        result, took = timed_render(cfg)  # the same value: only reading the file back tells
+    assert attacker.outcomes() == ["ok"]
+    assert result.returncode == 0, result.stderr
+    assert took < FAST
+    assert (out / "token").read_text() == source.read_text()
+    record_cases("app-user", 1)
+
+
+def start_supervised(cfg: Path, app: list[str]) -> "subprocess.Popen[str]":
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", *app],
+        env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read() if proc.stderr else ""
+    return proc
+
+
+def stop_supervised(proc: "subprocess.Popen[str]", timeout: float = 30) -> tuple[int, str, float]:
+    """SIGTERM, then its exit code, stderr and how long it took to exit."""
+    started = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()  # its app may still hold the pipes: do not wait on them
+        proc.wait()
+        return proc.returncode, "secret-init did not exit after SIGTERM", time.monotonic() - started
+    record_output(stdout, "app stdout through secret-init")
+    record_output(stderr, "secret-init stderr")
+    return proc.returncode, stderr, time.monotonic() - started
+
+
+QUIET_APP = (
+    "import signal, sys\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
+    "print('ready', flush=True)\nwhile True:\n    signal.pause()\n"
+)
+
+
+def wait_for(predicate: Any, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} did not happen in {timeout} s"
+        time.sleep(0.05)
+
+
+def status_state(out: Path) -> str | None:
+    try:
+        return str(json.loads((out / ".secret-init" / "status.json").read_text())["state"])
+    except (OSError, ValueError):
+        return None
+
+
+@pytest.mark.hostile("app-user")
+def test_sigterm_is_acted_on_while_the_app_flocks_the_dir(tmpfs: Path, workdir: Path, app_user: UnixUser) -> None:
+    """Was: the stop's status write waited on the app's flock forever. Now it exits at once, status "stopped"."""
+    out = tmpfs / "out"
+    cfg, _ = file_config(workdir, out, app_user, '[process]\nsupervise = true\nstop_timeout = "2s"\n')
+    proc = start_supervised(cfg, app_command(workdir, "quiet_app", QUIET_APP))
+    wait_for(lambda: status_state(out) == "running", 10, "status.json")
+    status = str(out / ".secret-init" / "status.json")
+    locks = [("flock", str(out)), ("flock", str(out / ".secret-init")), ("flock", status), ("ofd", status)]
+    with attacking(workdir, app_user, *locks) as attacker:
+        code, stderr, took = stop_supervised(proc)
+    assert attacker.outcomes() == ["ok"] * len(locks)
+    assert code == 0, stderr
+    assert took < FAST
+    assert status_state(out) == "stopped"
+    record_cases("app-user", len(locks))
+
+
+@pytest.mark.hostile("app-user")
+def test_a_vault_refresh_lands_while_the_app_holds_every_lock_it_can(
+    bao: Bao, tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """A changed KV secret is rewritten (refresh_interval 1 s) under the app's locks, and SIGTERM still works."""
+    import secrets as pysecrets
+
+    key = pysecrets.token_hex(6)
+    first, second = random_secret("kv1"), random_secret("kv2")
+    bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{key}", secret={"k": first})
+    role_file, secret_file, _ = bao.approle_credentials("app", workdir)
+    out = tmpfs / "out"
+    cfg = write_config(
+        workdir,
+        f'[output]\ndir = "{out}"\nuser = "{app_user.name}"\n'
+        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{role_file}"\n'
+        f'secret_id_file = "{secret_file}"\nrefresh_interval = "1s"\n'
+        '[process]\nsupervise = true\non_rotate = "none"\nstop_timeout = "2s"\n'
+        f'[[secret]]\nname = "api_key"\nsource = "vault:secret/data/app/{key}#k"\nenv = "API_KEY_FILE"\n',
+    )
+    proc = start_supervised(cfg, app_command(workdir, "quiet_app", QUIET_APP))
+    try:
+        wait_for(lambda: status_state(out) == "running", 10, "status.json")
+        with attacking(workdir, app_user, *every_lock_on(out, "api_key")) as attacker:
+            bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{key}", secret={"k": second})
+            wait_for(lambda: (out / "api_key").read_text() == second, 20, "the rewrite under the app's locks")
+            code, stderr, took = stop_supervised(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert attacker.outcomes()[:6] == ["ok"] * 6, attacker.outcomes()
+    assert code == 0, stderr
+    assert took < FAST
+    assert "secret changed in vault" in [e["event"] for e in log_events(stderr)]
+    record_cases("app-user", len(attacker.outcomes()))
+
+
+@pytest.mark.hostile("app-user")
+def test_the_app_cannot_change_the_dirs_nor_open_secret_inits_locks(
+    tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """root:group 0750 dirs: not the owner, the app can chmod, chown, ACL, create, rename or unlink nothing there."""
+    out = tmpfs / "out"
+    cfg, _ = file_config(workdir, out, app_user)
+    assert run_cli("render", "--config", str(cfg)).returncode == 0
+    state = out / ".secret-init"
+    tries: list[tuple[str, ...]] = [
+        ("chmod", str(out), "0"), ("chmod", str(out), "777"), ("chmod", str(state), "0"), ("chmod", str(state), "777"),
+        ("chown", str(out)), ("chown", str(state)), ("acl", str(out)), ("acl", str(state)),
+        ("create", str(out / "intruder")), ("create", str(state / "intruder")), ("mkdir", str(state / "d")),
+        ("rename", str(out / "token"), str(out / "moved")), ("unlink", str(out / "token")),
+        ("unlink", str(state / "owner.lock")), ("symlink", str(state / "x"), "/etc/passwd"),
+        ("open_ro", str(state / "owner.lock")), ("open_ro", str(state / "write.lock")),
+        ("open_rw", str(state / "owner.lock")), ("open_rw", str(state / "write.lock")),
+    ]  # fmt: skip
+    outcomes = as_app(workdir, app_user, *tries)
+    assert set(outcomes) <= {"EPERM", "EACCES"}, dict(zip([t[0] for t in tries], outcomes, strict=True))
+    st = out.stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, app_user.gid, 0o750)
+    assert (out / "token").exists() and is_private(state / "owner.lock") and is_private(state / "write.lock")
+    record_cases("app-user", len(tries))
+
+
+@pytest.mark.hostile("app-user")
+def test_the_app_filling_the_tmpfs_fails_a_rewrite_with_73_and_keeps_the_old_file(
+    small_tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """The app fills the 64 KiB tmpfs through a dir of its own: one line, 73, the old value stays, no temp file."""
+    out = small_tmpfs / "out"
+    cfg, source = file_config(workdir, out, app_user)
+    assert run_cli("render", "--config", str(cfg)).returncode == 0
+    old = (out / "token").read_text()
+    mine = small_tmpfs / "app-scratch"
+    mine.mkdir()
+    os.chown(mine, app_user.uid, app_user.gid)
+    assert as_app(workdir, app_user, ("fill", str(mine / "filler"))) == ["ok"]
+    source.write_text(random_secret("new") * 200)  # a value that needs a page more
+    result, took = timed_render(cfg)
+    assert result.returncode == 73, result.stderr
+    assert "No space left" in only_error(result.stderr)
+    assert took < FAST
+    assert (out / "token").read_text() == old
+    leftovers = [p.name for d in (out, out / ".secret-init") for p in d.iterdir() if p.name.startswith(".si-tmp-")]
+    assert leftovers == []
+
+
+# -- plants in a volume the app owned before secret-init ran ----------------------------------------
+
+PLANT_KINDS = ["symlink-file", "symlink-dir", "dir", "fifo", "socket", "app-file-flocked", "hardlink"]
+PLANT_NAMES = [".secret-init/owner.lock", ".secret-init/write.lock", "token", ".si-tmp-0000", ".secret-init/.si-tmp-0"]
+
+
+@pytest.fixture
+def prepopulated(tmpfs: Path, app_user: UnixUser) -> Path:
+    """`out` and `out/.secret-init`, 0777 and the app's (as a volume the app filled first), and victims."""
+    out = tmpfs / "out"
+    for d in (out, out / ".secret-init"):
+        d.mkdir()
+        os.chown(d, app_user.uid, app_user.gid)
+        d.chmod(0o777)
+    victim = tmpfs / "victim"  # the app's own file: one it may hard-link
+    victim.write_text("victim")
+    os.chown(victim, app_user.uid, app_user.gid)
+    (tmpfs / "victim-dir").mkdir()
+    (tmpfs / "victim-dir" / "keep").write_text("keep")
+    return out
+
+
+def plant(kind: str, path: Path, tmpfs: Path) -> tuple[str, ...]:
+    return {
+        "symlink-file": ("symlink", str(path), str(tmpfs / "victim")),
+        "symlink-dir": ("symlink", str(path), str(tmpfs / "victim-dir")),
+        "dir": ("dir", str(path)),
+        "fifo": ("fifo", str(path)),
+        "socket": ("socket", str(path)),
+        "app-file-flocked": ("owned_flocked", str(path)),
+        "hardlink": ("hardlink", str(path), str(tmpfs / "victim")),
+    }[kind]
+
+
+def assert_victims_untouched(tmpfs: Path, app_user: UnixUser) -> None:
+    st = (tmpfs / "victim").stat()
+    assert (tmpfs / "victim").read_text() == "victim" and (st.st_uid, stat.S_IMODE(st.st_mode)) == (app_user.uid, 0o644)
+    assert sorted(p.name for p in (tmpfs / "victim-dir").iterdir()) == ["keep"]
+
+
+@pytest.mark.hostile("filesystem")
+@pytest.mark.parametrize("kind", PLANT_KINDS)
+@pytest.mark.parametrize("name", PLANT_NAMES)
+def test_a_plant_in_a_prepopulated_volume_is_replaced_never_followed(
+    tmpfs: Path, workdir: Path, app_user: UnixUser, prepopulated: Path, name: str, kind: str
+) -> None:
+    """Whatever the app left there, render succeeds in bounded time and writes through nothing.
+
+    A directory where the output file goes is the one refusal: one line, 73 (it is the app's file name).
+    """
+    out = prepopulated
+    cfg, source = file_config(workdir, out, app_user)
+    with attacking(workdir, app_user, plant(kind, out / name, tmpfs)) as attacker:
+        assert attacker.outcomes() == ["ok"]
+        result, took = timed_render(cfg)
+    assert took < FAST
+    assert_victims_untouched(tmpfs, app_user)
+    if name == "token" and kind == "dir":
+        assert result.returncode == 73, result.stderr
+        assert "a directory is in the way" in only_error(result.stderr)
+        record_cases("filesystem", rejected_codes=[73])
+        return
+    assert result.returncode == 0, result.stderr
+    assert (out / "token").read_text() == source.read_text()
+    assert is_private(out / ".secret-init" / "owner.lock") and is_private(out / ".secret-init" / "write.lock")
+
+
+STATE_DIR_KINDS = ["symlink-dir", "symlink-file", "fifo", "socket"]
+
+
+@pytest.mark.hostile("filesystem")
+@pytest.mark.parametrize("kind", STATE_DIR_KINDS)
+def test_a_plant_instead_of_the_state_dir_is_replaced(
+    tmpfs: Path, workdir: Path, app_user: UnixUser, prepopulated: Path, kind: str
+) -> None:
+    out = prepopulated
+    (out / ".secret-init").rmdir()
+    cfg, _ = file_config(workdir, out, app_user)
+    with attacking(workdir, app_user, plant(kind, out / ".secret-init", tmpfs)) as attacker:
+        assert attacker.outcomes() == ["ok"]
+        result, took = timed_render(cfg)
+    assert result.returncode == 0, result.stderr
+    assert took < FAST
+    assert_victims_untouched(tmpfs, app_user)
+    st = (out / ".secret-init").lstat()
+    assert stat.S_ISDIR(st.st_mode) and (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o750)
+
+
+@pytest.mark.hostile("filesystem")
+@pytest.mark.parametrize("kind", PLANT_KINDS)
+def test_a_plant_at_status_json_is_replaced(
+    tmpfs: Path, workdir: Path, app_user: UnixUser, prepopulated: Path, kind: str
+) -> None:
+    """A supervised run (the app exits at once) writes status.json twice over whatever was planted there."""
+    out = prepopulated
+    cfg, _ = file_config(workdir, out, app_user, "[process]\nsupervise = true\n")
+    with attacking(workdir, app_user, plant(kind, out / ".secret-init" / "status.json", tmpfs)) as attacker:
+        assert attacker.outcomes() == ["ok"]
+        started = time.monotonic()
+        result = run_cli("run", "--config", str(cfg), "--", "/bin/true", timeout=60)
+        took = time.monotonic() - started
+    assert result.returncode == 0, result.stderr
+    assert took < FAST
+    assert_victims_untouched(tmpfs, app_user)
+    status = out / ".secret-init" / "status.json"
+    st = status.lstat()
+    assert stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_nlink, stat.S_IMODE(st.st_mode)) == (0, 1, 0o440)
+    assert status_state(out) == "stopped"
