@@ -90,7 +90,7 @@ PLAUSIBLE = {
     "startup_timeout": durations, "request_timeout": durations, "refresh_interval": durations,
     "stop_timeout": durations | st.sampled_from([math.nan, math.inf, -0.0, 1e308, 10**30]), "rotate_before": durations,
     "source": references, "name": hostile_text, "env": hostile_text,
-    "user": st.sampled_from(["app", "0:0", "\u0661:0", "a b"]),
+    "user": st.sampled_from(["app", "0:0", "\u0661:0", "a b", "4294967295:0", "0:99999999999999999999"]),
     "on_rotate": st.sampled_from(["restart", "none", "signal:HUP", "signal:KILL", "signal:\u0130", "signal:"]),
     "stop_signal": st.sampled_from(["TERM", "SIGKILL", "sig", "\u017fIGTERM"]),
     "max_secret_size": st.sampled_from([1, 0, 2**26, 2**26 + 1, 2**63 - 1, 1.5]),
@@ -241,6 +241,9 @@ def assert_sound(cfg: Config) -> None:
                     cfg.process.stop_timeout, cfg.process.rotate_before or 1.0):  # fmt: skip
         assert math.isfinite(seconds) and 0 <= seconds <= MAX_DURATION
     assert 0 < cfg.output.max_secret_size <= config.MAX_SECRET_SIZE_LIMIT
+    for user in (cfg.output.user, *(spec.user for spec in cfg.secrets)):
+        ids = re.fullmatch(r"([0-9]+):([0-9]+)", user or "")
+        assert ids is None or max(int(n) for n in ids.groups()) <= config.MAX_ID
     assert cfg.vault.addr is None or not set(cfg.vault.addr) & set("@?#")
     for spec in cfg.secrets:
         assert validate_name(spec.name) is None and unprintable(str(spec.source)) is None
