@@ -6,20 +6,23 @@ import structlog
 
 from secret_init import execute, privileges
 from secret_init.config import Config
-from secret_init.materialize import materialize
+from secret_init.materialize import materialize, revoked_on_failure
 
 
 def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> int:
     """Materialize, then exec the app as its user; or, with leases or `supervise`, supervise it."""
     done = materialize(cfg, environ, for_app=True, keep_client=True)
-    file_vars = {s.env: cfg.file_path(s) for s in cfg.secrets if s.env}
-    user_env = done.user.environment() if privileges.is_root() else {}
-    values = [m.value.reveal() for m in done.materials]
-    env = execute.child_environment(environ, cfg.process.scrub_env, user_env, file_vars, values)
-    if cfg.process.supervise or done.leased:
-        from secret_init.loop import Supervised
+    with revoked_on_failure(done):  # until the loop owns the leases
+        file_vars = {s.env: cfg.file_path(s) for s in cfg.secrets if s.env}
+        user_env = done.user.environment() if privileges.is_root() else {}
+        values = [m.value.reveal() for m in done.materials]
+        env = execute.child_environment(environ, cfg.process.scrub_env, user_env, file_vars, values)
+        if cfg.process.supervise or done.leased:
+            from secret_init.loop import Supervised
 
-        return Supervised(cfg, done, command, env).run()
+            supervised = Supervised(cfg, done, command, env)
+    if cfg.process.supervise or done.leased:
+        return supervised.run()
     if done.client is not None:
         done.client.revoke_own_token()
     privileges.drop(done.user)

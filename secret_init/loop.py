@@ -23,7 +23,7 @@ import structlog
 from secret_init import privileges, status
 from secret_init.config import Config
 from secret_init.errors import ExitCode, SecretInitError
-from secret_init.materialize import Materialized, materialize, output_files
+from secret_init.materialize import Materialized, materialize, output_files, revoked_on_failure
 from secret_init.model import Material
 from secret_init.renewal import Refresh, Renewer, Rotate, rotate_at
 from secret_init.sink import Owner
@@ -38,7 +38,9 @@ TICK = 1.0  # reap and refresh status.json at least this often
 def sidecar(cfg: Config, environ: Mapping[str, str]) -> int:
     """Materialize, then stay: the same renewal, rotation and refresh, with no child."""
     done = materialize(cfg, environ, for_app=False, keep_client=True)
-    return Supervised(cfg, done, None, {}).run()
+    with revoked_on_failure(done):  # until the loop owns the leases
+        supervised = Supervised(cfg, done, None, {})
+    return supervised.run()
 
 
 class Supervised:
@@ -66,6 +68,10 @@ class Supervised:
         # Old leases to revoke later (due time, lease id): the app was signalled, not restarted.
         self.pending_revokes: list[tuple[float, str]] = []
         self.stopping = False
+        # A forwarded SIGTERM/SIGINT: until this time the app may exit; rotations wait meanwhile.
+        self.grace_until: float | None = None
+        self.deferred: list[Rotate | Refresh] = []
+        self.started = False  # the app runs and the renewer follows every lease
         self._last_status: dict[str, object] = {}
 
     @property
@@ -75,9 +81,9 @@ class Supervised:
     # -- the loop -----------------------------------------------------------------------
 
     def run(self) -> int:
-        self.supervisor.install()
-        privileges.set_no_new_privs()  # inherited by the app
         try:
+            self.supervisor.install()  # inside: a stop signal until then ends the start, and finish() revokes
+            privileges.set_no_new_privs()  # inherited by the app
             self.begin()
             while self._running():
                 self.step(self._wait_time())
@@ -92,6 +98,7 @@ class Supervised:
         if self.command is not None:
             self.supervisor.start(self.command, self.env, self.app_user)
         self._start_renewer()
+        self.started = True
         _stay_resident()
         self._write_status()
 
@@ -103,6 +110,7 @@ class Supervised:
             self.supervisor.reap()  # a lost SIGCHLD must not leave a zombie
         else:
             self._handle(event)
+        self._end_grace_if_declined()
         self._check_expiry()
         self._revoke_due()
         self._write_status()
@@ -135,16 +143,40 @@ class Supervised:
                 return
             if event.signum in (signal.SIGTERM, signal.SIGINT):
                 self.stopping = True
+                if self.command is not None and self.forced_exit is None:
+                    self.grace_until = self.clock() + self.cfg.process.stop_timeout
             if self.command is not None:
                 self.supervisor.forward(event.signum)
         elif self.stopping:
-            return  # no rotation starts once the app is being stopped
+            if self.grace_until is not None and isinstance(event, Rotate | Refresh):
+                self.deferred.append(event)  # done if the app turns out to stay
+            return  # no rotation starts while the app is being stopped
         elif isinstance(event, Refresh):
             self._refresh(event.path)
         elif isinstance(event, Rotate) and not self._current(event.path, event.lease_id):
             log.debug("event for a lease already rotated away", path=event.path, lease_id=event.lease_id)
         elif isinstance(event, Rotate):
             self._rotate(event.path, event.lease_id, event.reason)
+
+    def _end_grace_if_declined(self) -> None:
+        """The app outlived a forwarded SIGTERM/SIGINT by stop_timeout: it declined the stop.
+
+        Shells and REPLs ignore SIGINT. Stopping would be our decision, not theirs: the
+        duties resume at once, deferred rotations and on_expiry included.
+        """
+        if self.grace_until is None or self.clock() < self.grace_until:
+            return
+        self.grace_until = None
+        self.supervisor.reap()
+        if self.supervisor.exit_status is not None:
+            return  # it did stop: the loop ends
+        log.warning("the app is still running after stop_timeout; it declined the stop, duties resume",
+                    pid=self.supervisor.pid, stop_timeout=self.cfg.process.stop_timeout)  # fmt: skip
+        self.stopping = False
+        self.supervisor.stop_declined()
+        deferred, self.deferred = self.deferred, []
+        for event in deferred:
+            self._handle(event)
 
     def _current(self, path: str, lease_id: str) -> bool:
         lease = self.renewer.snapshot().get(path) if self.renewer else None
@@ -155,6 +187,8 @@ class Supervised:
         now = self.clock()
         times = [now + TICK]
         times += [due for due, _ in self.pending_revokes]
+        if self.grace_until is not None:
+            times.append(self.grace_until)
         if self.renewer is not None:
             times += [s.expires_at for s in self.renewer.snapshot().values() if not s.expired]
         return max(0.0, min(times) - now)
@@ -268,7 +302,8 @@ class Supervised:
             self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
 
     def _shutdown_vault(self) -> None:
-        leases = []
+        # Until the renewer tracks them, the start's own leases are only in `done`.
+        leases = [m.lease.lease_id for m in self.done.materials if m.lease]
         if self.renewer is not None:
             self.renewer.stop(timeout=self.cfg.vault.request_timeout * 3)
             leases = [lease.lease_id for lease in self.renewer.snapshot().values()]
@@ -276,8 +311,8 @@ class Supervised:
         self.pending_revokes.clear()
         if self.client is None:
             return
-        if self.cfg.vault.revoke_on_exit:
-            for lease_id in sorted(leases):
+        if self.cfg.vault.revoke_on_exit or not self.started:  # a start that did not complete leaves none
+            for lease_id in sorted(set(leases)):
                 self._revoke(lease_id)
         self.client.revoke_own_token()
 
@@ -287,7 +322,8 @@ class Supervised:
         """Restart or signal the app; True when it was restarted."""
         if self.command is None:
             if self.cfg.sidecar.notify_pidfile is not None:
-                self.supervisor.notify(self.cfg.sidecar.notify_pidfile, self.cfg.sidecar.notify_signal)
+                app_uid = self.done.user.uid if self.cfg.output.user is not None else None
+                self.supervisor.notify(self.cfg.sidecar.notify_pidfile, self.cfg.sidecar.notify_signal, app_uid)
             return False
         action = self.cfg.process.on_rotate
         self.supervisor.reap()  # an app that already exited is not brought back

@@ -4,7 +4,8 @@ Shared by the one-shot flow (app.py), the resident loop (loop.py) and `check`.
 """
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, NamedTuple
 
 import structlog
@@ -67,6 +68,19 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_cli
     else:
         vault.client.revoke_own_token()
     return done._replace(client=None)
+
+
+@contextmanager
+def revoked_on_failure(done: Materialized) -> Iterator[None]:
+    """Until the caller hands `done` on: whatever ends the start revokes its leases and our token."""
+    try:
+        yield
+    except BaseException:
+        if done.client is not None:
+            for lease_id in sorted({m.lease.lease_id for m in done.materials if m.lease}):
+                done.client.revoke_lease_quietly(lease_id)
+            done.client.revoke_own_token()
+        raise
 
 
 def discard(vault: VaultSource) -> None:

@@ -1,0 +1,515 @@
+"""Lifecycle under hostile conditions: a lying pidfile, a declined stop, an interrupted start,
+a terminal, and signal storms. Real OpenBao, PostgreSQL, tmpfs, user, PID namespaces and pty.
+"""
+
+import hashlib
+import json
+import os
+import pty
+import secrets
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import (
+    REPO,
+    Bao,
+    Database,
+    UnixUser,
+    app_command,
+    assert_no_leak,
+    base_env,
+    free_port,
+    log_events,
+    needs_root,
+    random_secret,
+    write_config,
+)
+
+pytestmark = needs_root
+
+
+# -- 9. the sidecar's pidfile is the app's to write ------------------------------------------
+
+NS_APP = r"""
+import os, signal, sys, time
+marker = sys.argv[1]
+def hup(signum, frame):
+    with open(marker, "a") as f:
+        f.write("HUP\n")
+signal.signal(signal.SIGHUP, hup)
+with open(marker, "a") as f:
+    f.write("READY\n")
+while True:
+    time.sleep(1)
+"""
+
+# Runs as root inside the app's PID namespace (entered with nsenter, as `pid: service:app`
+# does): pid 1 there is the app, and this process is not its descendant. Each case writes the
+# pidfile, calls Supervisor.notify, then reports which processes got the SIGHUP.
+NOTIFY_WORKER = r"""
+import json, os, signal, subprocess, sys, time
+from queue import SimpleQueue
+from secret_init import logs
+from secret_init.supervisor import Supervisor
+
+logs.configure("json", "info")
+uid, gid, work, marker = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+pidfile = os.path.join(work, "app.pid")
+sup = Supervisor(SimpleQueue())
+
+def canary(as_uid):
+    return subprocess.Popen(["setpriv", f"--reuid={as_uid}", f"--regid={gid}", "--clear-groups", "sleep", "60"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+def nested():
+    # a sleep in a PID namespace nested in this one: visible here, but not in our namespace
+    outer = subprocess.Popen(["unshare", "--pid", "--fork", "--kill-child", "sleep", "60"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(200):
+        kids = open(f"/proc/{outer.pid}/task/{outer.pid}/children").read().split()
+        if kids:
+            return outer, int(kids[0])
+        time.sleep(0.01)
+    raise SystemExit("no nested child")
+
+def zombie():
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    time.sleep(0.2)
+    return pid
+
+def hups():
+    return open(marker).read().count("HUP")
+
+def write(content):
+    if os.path.lexists(pidfile):
+        if os.path.isdir(pidfile) and not os.path.islink(pidfile):
+            os.rmdir(pidfile)
+        else:
+            os.unlink(pidfile)
+    if isinstance(content, tuple):
+        kind, value = content
+        if kind == "fifo":
+            os.mkfifo(pidfile)
+        elif kind == "dir":
+            os.mkdir(pidfile)
+        elif kind == "symlink":
+            with open(pidfile + ".real", "w") as f:
+                f.write(value)
+            os.symlink(pidfile + ".real", pidfile)
+        return
+    with open(pidfile, "wb") as f:
+        f.write(content if isinstance(content, bytes) else content.encode())
+
+def alarm(signum, frame):
+    raise TimeoutError("notify hung")
+
+signal.signal(signal.SIGALRM, alarm)
+got_hup = []
+signal.signal(signal.SIGHUP, lambda *_: got_hup.append(1))  # the "ancestor" case aims at this process
+results = {}
+for name, make, app_uid in json.loads(sys.argv[5]):
+    app, root = canary(uid), canary(0)
+    time.sleep(0.1)
+    extra = None
+    if make == "APP":
+        content = str(app.pid)
+    elif make == "ROOT":
+        content = str(root.pid)
+    elif make == "SELF":
+        content = str(os.getpid())
+    elif make == "PARENT":  # a child notifies: this process is its ancestor
+        write(str(os.getpid()))
+        child = os.fork()
+        if child == 0:
+            signal.alarm(3)
+            sup.notify(pidfile, signal.SIGHUP, None)
+            os._exit(0)
+        os.waitpid(child, 0)
+        content = "0"  # what this process then notifies: nothing
+    elif make == "ZOMBIE":
+        content = str(zombie())
+    elif make == "NESTED":
+        extra, pid = nested()
+        content = str(pid)
+    elif make == "GONE":
+        gone = subprocess.Popen(["true"]); gone.wait()
+        content = str(gone.pid)
+    elif make == "SYMLINK_APP":
+        content = ("symlink", str(app.pid))
+    elif isinstance(make, list):
+        content = tuple(make)
+    else:
+        content = make.encode()
+    write(content)
+    before = hups()
+    began = time.monotonic()
+    signal.alarm(3)
+    try:
+        sup.notify(pidfile, signal.SIGHUP, app_uid)
+        outcome = "returned"
+    except TimeoutError:
+        outcome = "hung"
+    signal.alarm(0)
+    elapsed = time.monotonic() - began
+    time.sleep(0.2)
+    results[name] = {"outcome": outcome, "seconds": round(elapsed, 3), "app": app.poll() is not None,
+                     "root": root.poll() is not None, "pid1": hups() > before, "ancestor": bool(got_hup)}
+    for p in (app, root, extra):
+        if p is not None and p.poll() is None:
+            p.kill(); p.wait()
+print(json.dumps(results))
+"""
+
+
+def notify_cases(uid: int) -> list[tuple[str, object, int | None]]:
+    """(name, pidfile content or recipe, app uid passed to notify); only "valid" may signal."""
+    too_long = "1" * 8
+    return [
+        ("minus one", "-1", uid),
+        ("minus one, no user", "-1", None),
+        ("zero", "0", None),  # kill(0) signals our own process group
+        ("minus pid", "-2", None),
+        ("plus sign", "+1", None),
+        ("hex", "0x1", None),
+        ("unicode digits", "\u0661", uid),  # Arabic-Indic 1: int() would take it
+        ("eight digits", too_long, None),
+        ("two pids", "1 1", None),
+        ("trailing text", "1abc", None),
+        ("empty", "", None),
+        ("spaces only", " " * 40, None),
+        ("nul byte", "1\x00", None),
+        ("fifo", ["fifo", ""], None),
+        ("directory", ["dir", ""], None),
+        ("symlink to the app's pid", "SYMLINK_APP", uid),
+        ("own pid", "SELF", None),
+        ("an ancestor", "PARENT", None),
+        ("a zombie", "ZOMBIE", None),
+        ("no such process", "GONE", None),
+        ("nested pid namespace", "NESTED", None),
+        ("another user's process", "ROOT", uid),
+        ("pid 1 without a named user", "1", None),
+        ("pid 1 that is the app", "1", uid),
+        ("valid", "APP", uid),
+    ]
+
+
+@pytest.fixture
+def app_pid_namespace(workdir: Path, app_user: UnixUser) -> Iterator[tuple[int, Path]]:
+    """A new PID namespace whose pid 1 is an app running as the app user: (its host pid, its SIGHUP log)."""
+    marker = workdir / "hups"
+    marker.touch()
+    os.chown(marker, app_user.uid, app_user.gid)
+    script = app_command(workdir, "ns_app", NS_APP)
+    proc = subprocess.Popen(
+        ["unshare", "--pid", "--fork", "--mount-proc", "--kill-child", "setpriv", f"--reuid={app_user.uid}",
+         f"--regid={app_user.gid}", "--clear-groups", *script, str(marker)],
+    )  # fmt: skip
+    app = None
+    try:
+        deadline = time.monotonic() + 10
+        while "READY" not in marker.read_text():
+            assert time.monotonic() < deadline, "the namespace's app did not start"
+            time.sleep(0.02)
+        app = int(Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()[0])
+        yield app, marker
+    finally:
+        if app is not None:  # its pid 1: the namespace ends with it (setpriv cleared --kill-child's death signal)
+            os.kill(app, signal.SIGKILL)
+        proc.kill()
+        proc.wait()
+
+
+def test_the_sidecar_signals_only_a_pid_that_passes_every_check(
+    app_pid_namespace: tuple[int, Path], workdir: Path, app_user: UnixUser
+) -> None:
+    """Defect 9: `-1` made the root sidecar signal every process; a FIFO hung it for good.
+
+    25 pidfiles in a PID namespace shared with the app (its pid 1): only the app's own pid,
+    and pid 1 when it runs as the named app user, are signalled. Nothing hangs.
+    """
+    ns_app, marker = app_pid_namespace
+    cases = notify_cases(app_user.uid)
+    result = subprocess.run(
+        ["nsenter", f"--target={ns_app}", "--pid", "--mount", sys.executable, "-c", NOTIFY_WORKER,
+         str(app_user.uid), str(app_user.gid), str(workdir), str(marker), json.dumps(cases)],
+        env=base_env(PYTHONPATH=str(REPO)), cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
+        start_new_session=True,  # a pid 0 signals the caller's process group: never the test's
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcomes = json.loads(result.stdout.splitlines()[-1])
+    assert set(outcomes) == {name for name, _, _ in cases}
+    signalled = {name for name, o in outcomes.items() if o["app"] or o["root"] or o["pid1"] or o["ancestor"]}
+    assert signalled == {"valid", "pid 1 that is the app"}, outcomes
+    assert outcomes["valid"]["app"] and not outcomes["valid"]["root"]
+    assert all(o["outcome"] == "returned" and o["seconds"] < 1 for o in outcomes.values()), outcomes
+    refusals = [e for e in log_events(result.stderr) if e["event"] == "could not notify the app"]
+    assert len(refusals) == len(cases) - 2 + 1, (
+        "every refusal (the ancestor case refuses twice) is logged, with its reason"
+    )
+    assert all(e["level"] == "warning" and e["error"] for e in refusals)
+
+
+# -- 10. a stop the app declines ---------------------------------------------------------------
+
+KV_APP = r"""
+import hashlib, json, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)  # as shells and REPLs do
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+data = open(os.environ["API_KEY_FILE"], "rb").read()
+print(json.dumps({"event": "start", "pid": os.getpid(), "sha256": hashlib.sha256(data).hexdigest()}), flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+class Lines:
+    """secret-init's stdout (the app's JSON lines) and stderr (its log), read as they come."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self.proc = proc
+        self.app: list[dict[str, Any]] = []
+        self.logs: list[dict[str, Any]] = []
+
+    def until(self, done: Callable[["Lines"], bool], timeout: float) -> None:
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        deadline = time.monotonic() + timeout
+        while not done(self):
+            left = deadline - time.monotonic()
+            assert left > 0, f"timed out; app {self.app[-3:]}; logs {self.logs[-5:]}"
+            ready, _, _ = select.select([self.proc.stdout, self.proc.stderr], [], [], left)
+            for stream in ready:
+                line = stream.readline().decode()
+                assert line, f"secret-init ended early (code {self.proc.wait()}); logs {self.logs[-5:]}"
+                (self.app if stream is self.proc.stdout else self.logs).append(json.loads(line))
+
+    def logged(self, event: str) -> list[dict[str, Any]]:
+        return [e for e in self.logs if e["event"] == event]
+
+    def finish(self, timeout: float = 30) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        out, err = self.proc.communicate(timeout=timeout)
+        self.app += [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
+        self.logs += log_events(err.decode())
+        return self.proc.returncode
+
+
+def kv_config(bao: Bao, tmpfs: Path, workdir: Path, app_user: UnixUser, key: str, process: str) -> Path:
+    role_file, secret_file, _ = bao.approle_credentials("app", workdir)
+    return write_config(
+        workdir,
+        f'[output]\ndir = "{tmpfs}/out"\nuser = "{app_user.name}"\n'
+        f'[vault]\naddr = "{bao.addr}"\nauth = "approle"\nrole_id_file = "{role_file}"\n'
+        f'secret_id_file = "{secret_file}"\nrefresh_interval = "1s"\n'
+        f"[process]\nsupervise = true\n{process}\n"
+        f'[[secret]]\nname = "api_key"\nsource = "vault:secret/data/app/{key}#k"\nenv = "API_KEY_FILE"\n',
+    )
+
+
+def sha(value: str) -> str:
+    return hashlib.sha256(value.encode()).hexdigest()
+
+
+def test_a_declined_sigint_does_not_end_rotation(bao: Bao, tmpfs: Path, workdir: Path, app_user: UnixUser) -> None:
+    """Defect 10: after a SIGINT the app ignored, no refresh or rotation ever ran again.
+
+    The secret changes in Vault during the grace (stop_timeout 2 s): the refresh is deferred,
+    then done once the app has outlived the grace, and the app is restarted with the new value.
+    """
+    key = secrets.token_hex(6)
+    first, second = random_secret("kv1"), random_secret("kv2")
+    bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{key}", secret={"k": first})
+    cfg = kv_config(bao, tmpfs, workdir, app_user, key, 'stop_timeout = "2s"')
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", *app_command(workdir, "kv", KV_APP)],
+        env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+    )  # fmt: skip
+    run = Lines(proc)
+    try:
+        run.until(lambda r: len(r.app) == 1, 20)
+        assert run.app[0]["sha256"] == sha(first)
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        run.until(lambda r: bool(r.logged("signal forwarded")), 10)
+        bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{key}", secret={"k": second})
+        run.until(lambda r: len(r.app) == 2, 20)
+        restarted_after = time.monotonic() - sent
+        assert run.app[1]["sha256"] == sha(second), "the restarted app reads the new value"
+        assert restarted_after >= 2, "nothing was restarted during the grace"
+    finally:
+        code = run.finish()
+    assert code == 0, run.logs[-5:]
+    declined = [e for e in run.logs if "declined the stop" in e["event"]]
+    assert len(declined) == 1, "logged once"
+    events = [e["event"] for e in run.logs]
+    assert events.index(declined[0]["event"]) < events.index("app restarted"), "deferred until the grace ended"
+    assert_no_leak(json.dumps(run.logs) + json.dumps(run.app), first, second)
+
+
+# -- 11. an interrupted start --------------------------------------------------------------------
+
+
+@pytest.fixture
+def dead_database_role(database: Database) -> str:
+    """A creds path on a connection to a port nobody listens on: real OpenBao answers HTTP 500
+    (it cannot reach the database), which secret-init retries until startup_timeout."""
+    name = f"dead{secrets.token_hex(3)}"
+    database.bao.client.write(
+        f"database/config/{name}",
+        plugin_name="postgresql-database-plugin",
+        allowed_roles="*",
+        connection_url=f"postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{free_port()}/postgres",
+        username="postgres",
+        password=secrets.token_hex(8),
+        verify_connection=False,
+    )
+    database.bao.client.write(
+        f"database/roles/{name}", db_name=name, default_ttl="60s", max_ttl="120s",
+        creation_statements=["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}';"],
+    )  # fmt: skip
+    return f"database/creds/{name}"
+
+
+def two_path_config(workdir: Path, tmpfs: Path, app_user: UnixUser, bao: Bao, good: str, second: str) -> Path:
+    return write_config(
+        workdir,
+        f'[output]\ndir = "{tmpfs}/out"\nuser = "{app_user.name}"\n'
+        f'[vault]\naddr = "{bao.addr}"\nstartup_timeout = "60s"\nrequest_timeout = "2s"\n'
+        f'[[secret]]\nname = "db_user"\nsource = "vault:{good}#username"\n'
+        f'[[secret]]\nname = "other"\nsource = "vault:{second}#username"\n',
+    )
+
+
+def supplied_token(database: Database) -> str:
+    """A token the test makes: secret-init may not revoke it, so each lease must be revoked by itself."""
+    return str(database.bao.client.auth.token.create(policies=["app-read"], ttl="5m")["auth"]["client_token"])
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_start_interrupted_by_a_signal_revokes_its_leases(
+    database: Database, dead_database_role: str, tmpfs: Path, workdir: Path, app_user: UnixUser, signum: int
+) -> None:
+    """Defect 11: a stop while the second path is retried left the first path's lease alive.
+
+    Exit 128+signum, one error line, no lease left, no file written.
+    """
+    good = database.role("60s", "120s")
+    cfg = two_path_config(workdir, tmpfs, app_user, database.bao, good, dead_database_role)
+    token = supplied_token(database)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", "/bin/true"],
+        env=base_env(VAULT_TOKEN=token), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+    )  # fmt: skip
+    run = Lines(proc)
+    try:
+        run.until(
+            lambda r: any(
+                dead_database_role in e.get("request", "") for e in r.logged("vault request failed, retrying")
+            ),
+            30,
+        )
+        assert len(database.leases(good)) == 1, "the first path's lease is live while the second is retried"
+        proc.send_signal(signum)
+        began = time.monotonic()
+        code = proc.wait(30)
+        took = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    run.finish()
+    assert code == 128 + signum, run.logs[-5:]
+    assert took < 10
+    errors = [e for e in run.logs if e["level"] == "error"]
+    assert len(errors) == 1 and errors[0]["exit_code"] == 128 + signum, errors
+    assert database.leases(good) == []
+    assert not (tmpfs / "out" / "db_user").exists()
+    assert_no_leak(json.dumps(run.logs), token)
+
+
+def test_a_start_that_fails_after_the_reads_revokes_its_leases(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """Defect 11: every read succeeds, then the app cannot be started (127): the lease is revoked too."""
+    good = database.role("60s", "120s")
+    cfg = write_config(
+        workdir,
+        f'[output]\ndir = "{tmpfs}/out"\nuser = "{app_user.name}"\n[vault]\naddr = "{database.bao.addr}"\n'
+        f'[[secret]]\nname = "db_user"\nsource = "vault:{good}#username"\n',
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", "/nonexistent/app"],
+        env=base_env(VAULT_TOKEN=supplied_token(database)), cwd=REPO, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 127, result.stderr[-2000:]
+    assert [e for e in log_events(result.stderr) if e["event"] == "lease revoked"]
+    assert database.leases(good) == []
+
+
+# -- 12. a terminal ---------------------------------------------------------------------------------
+
+TTY_APP = r"""
+import os, sys
+print("ready", flush=True)
+line = sys.stdin.readline()
+print("got:" + line.strip(), flush=True)
+"""
+
+
+def test_a_supervised_app_on_a_terminal_reads_stdin(tmpfs: Path, workdir: Path, app_user: UnixUser) -> None:
+    """Defect 12: in its own process group the app was stopped by SIGTTIN when it read stdin.
+
+    secret-init runs as a session leader with a real pseudo-terminal as its controlling
+    terminal (setsid --ctty), as under `docker run -it`.
+    """
+    secret = workdir / "token"
+    secret.write_text(random_secret("t"))
+    cfg = write_config(
+        workdir,
+        f'[output]\ndir = "{tmpfs}/out"\nuser = "{app_user.name}"\n[process]\nsupervise = true\n'
+        f'[[secret]]\nname = "token"\nsource = "file:{secret}"\n',
+    )
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        ["setsid", "--ctty", sys.executable, "-m", "secret_init", "--log-format", "json", "run", "--config", str(cfg),
+         "--", *app_command(workdir, "tty_app", TTY_APP)],
+        env=base_env(), cwd=REPO, stdin=slave, stdout=slave, stderr=slave,
+    )  # fmt: skip
+    os.close(slave)
+    seen = b""
+    try:
+        seen = read_until(master, b"ready", seen)
+        word = secrets.token_hex(8).encode()
+        os.write(master, word + b"\n")
+        seen = read_until(master, b"got:" + word, seen)
+        assert proc.wait(15) == 0, seen.decode(errors="replace")[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
+def read_until(fd: int, wanted: bytes, seen: bytes, timeout: float = 15) -> bytes:
+    deadline = time.monotonic() + timeout
+    while wanted not in seen:
+        left = deadline - time.monotonic()
+        assert left > 0, f"no {wanted!r} from the terminal: {seen.decode(errors='replace')[-1500:]}"
+        ready, _, _ = select.select([fd], [], [], left)
+        if ready:
+            try:
+                seen += os.read(fd, 4096)
+            except OSError:  # EIO: every slave end is closed
+                break
+    assert wanted in seen, f"no {wanted!r} from the terminal: {seen.decode(errors='replace')[-1500:]}"
+    return seen
