@@ -41,6 +41,8 @@ LOCK_WAIT = 10.0  # seconds: another secret-init writes in milliseconds
 LOCK_POLL = 0.01
 DIR_MODE = 0o750
 PRIVATE_MODE = 0o600
+# A volume the app prepared may carry ACLs: a default one would hand every new file to users it names.
+ACL_XATTRS = ("system.posix_acl_default", "system.posix_acl_access")
 
 
 class Owner(NamedTuple):
@@ -114,12 +116,15 @@ class Sink:
             if os.geteuid() == 0:
                 os.fchown(dfd, 0, self.dir_group)
                 os.fchmod(dfd, DIR_MODE)
+                _drop_acls(dfd)
             elif st.st_uid == os.geteuid():
                 os.fchmod(dfd, 0o700)
             elif st.st_mode & 0o002:
                 log.warning("output dir is writable by others and not ours to fix", dir=self.dir)
         except PermissionError as e:
             raise PermissionRefusedError(f"output dir {self.dir}: cannot set owner or mode: {e.strerror}") from None
+        except OSError as e:
+            raise WriteError(f"output dir {self.dir}: cannot set owner, mode or ACL: {e.strerror}") from None
 
     @contextmanager
     def _locked_dir(self) -> Iterator["Dirs"]:
@@ -250,6 +255,7 @@ class Sink:
             # Owner first, then mode: a mode the app set stops mattering once the dir is root's.
             if os.geteuid() == 0:
                 os.fchown(sfd, 0, self.dir_group)
+                _drop_acls(sfd)
             os.fchmod(sfd, DIR_MODE)
         except OSError as e:
             os.close(sfd)
@@ -392,6 +398,15 @@ def _remove_planted(name: str, dfd: int, path: str) -> None:
             os.unlink(name, dir_fd=dfd)
     except OSError as e:
         raise WriteError(f"{path}: a planted {_kind(found)} cannot be removed: {e.strerror or e}") from None
+
+
+def _drop_acls(fd: int) -> None:
+    for name in ACL_XATTRS:
+        try:
+            os.removexattr(fd, name)
+        except OSError as e:
+            if e.errno not in (errno.ENODATA, errno.EOPNOTSUPP):
+                raise
 
 
 def _write_all(fd: int, data: bytes) -> None:

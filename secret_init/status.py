@@ -7,6 +7,7 @@ Building and judging the status are pure: plain data and an explicit clock. Only
 import json
 import math
 import os
+import stat
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TextIO
@@ -99,6 +100,18 @@ def problems(cfg: Config, status: Mapping[str, Any] | None, now: float, exists: 
     return found
 
 
+def read_regular(path: str) -> bytes:
+    """A regular file's bytes; anything else planted there (a FIFO, a device) is refused, never waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
+
+
 def health(config_path: str, out: TextIO) -> int:
     """`secret-init health`: 0 when every file exists and no lease is overdue; no Vault call."""
     import time
@@ -110,8 +123,7 @@ def health(config_path: str, out: TextIO) -> int:
         return 1
     doc = None
     try:
-        with open(f"{cfg.output.dir}/{STATUS_DIR}/{STATUS_FILE}", "rb") as f:
-            doc = json.loads(f.read())
+        doc = json.loads(read_regular(f"{cfg.output.dir}/{STATUS_DIR}/{STATUS_FILE}"))
     except FileNotFoundError:
         pass  # a one-shot run keeps no status: the files are all there is to check
     except (OSError, ValueError) as e:

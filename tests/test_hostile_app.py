@@ -86,8 +86,10 @@ ops = {
     "open_rw": lambda p: os.close(os.open(p, os.O_RDWR | os.O_NONBLOCK)),
     "open_ro": lambda p: os.close(os.open(p, os.O_RDONLY | os.O_NONBLOCK)),
     "unlink": os.unlink, "rename": lambda p, dst: os.rename(p, dst),
-    "acl": lambda p: os.setxattr(p, "system.posix_acl_access", b"\x02\x00\x00\x00"),
+    "acl": lambda p: os.setxattr(p, "system.posix_acl_access", bytes.fromhex(ACL)),
+    "acl_set": lambda p, name: os.setxattr(p, name, bytes.fromhex(ACL)),
 }
+ACL = sys.argv[2]
 for i, (op, *args) in enumerate(json.loads(sys.argv[1])):
     try:
         ops[op](*args)
@@ -97,6 +99,20 @@ for i, (op, *args) in enumerate(json.loads(sys.argv[1])):
 print(json.dumps(done), flush=True)
 sys.stdin.read()  # hold every descriptor, lock and lease until the test is done
 """
+
+
+def posix_acl(*entries: tuple[int, int, int]) -> bytes:
+    """The kernel's xattr form of a POSIX ACL: version 2, then (tag, perm, id) entries in order."""
+    import struct
+
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *entry) for entry in entries)
+
+
+NO_ID = 0xFFFFFFFF
+# user::rwx, user:12345:r--, group::r-x, mask::r-x, other::---
+ACL_NAMING_A_STRANGER = posix_acl(
+    (0x01, 7, NO_ID), (0x02, 4, 12345), (0x04, 5, NO_ID), (0x10, 5, NO_ID), (0x20, 0, NO_ID)
+)
 
 
 class Attacker:
@@ -113,7 +129,7 @@ def attacking(workdir: Path, user: UnixUser, *actions: tuple[str, ...]) -> Itera
     """Run ATTACKER as the app user; yields once every action was tried (and is still held)."""
     script = app_command(workdir, "attacker", ATTACKER)
     proc = subprocess.Popen(
-        [*script, json.dumps(actions)],
+        [*script, json.dumps(actions), ACL_NAMING_A_STRANGER.hex()],
         user=user.uid, group=user.gid, extra_groups=[user.gid, user.extra_gid],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/",
     )  # fmt: skip
@@ -469,3 +485,41 @@ def test_a_plant_at_status_json_is_replaced(
     st = status.lstat()
     assert stat.S_ISREG(st.st_mode) and (st.st_uid, st.st_nlink, stat.S_IMODE(st.st_mode)) == (0, 1, 0o440)
     assert status_state(out) == "stopped"
+
+
+@pytest.mark.hostile("filesystem")
+def test_acls_the_app_left_on_the_dirs_are_dropped(
+    tmpfs: Path, workdir: Path, app_user: UnixUser, prepopulated: Path
+) -> None:
+    """Was: a default ACL the app set on its volume gave every new 0440 file to the user it named (uid 12345)."""
+    out = prepopulated
+    cfg, _ = file_config(workdir, out, app_user)
+    cfg.write_text(cfg.read_text().replace('env = "TOKEN_FILE"', 'env = "TOKEN_FILE"\nmode = "0440"'))
+    acls = [
+        ("acl_set", str(d), name)
+        for d in (out, out / ".secret-init")
+        for name in ("system.posix_acl_default", "system.posix_acl_access")
+    ]
+    assert as_app(workdir, app_user, *acls) == ["ok"] * len(acls)
+    result = run_cli("render", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    for path in (out, out / ".secret-init", out / "token", out / ".secret-init" / "owner.lock"):
+        assert not [x for x in os.listxattr(path, follow_symlinks=False) if x.startswith("system.posix_acl")], path
+    record_cases("filesystem", len(acls))
+
+
+@pytest.mark.hostile("filesystem")
+@pytest.mark.parametrize("kind", ["fifo", "socket", "dir", "symlink-file"])
+def test_health_never_waits_on_a_planted_status_file(
+    tmpfs: Path, workdir: Path, app_user: UnixUser, prepopulated: Path, kind: str
+) -> None:
+    """Was: `secret-init health` (root, in the healthcheck) opened a FIFO at status.json and waited for a writer."""
+    out = prepopulated
+    cfg, _ = file_config(workdir, out, app_user)
+    assert as_app(workdir, app_user, plant(kind, out / ".secret-init" / "status.json", tmpfs)) == ["ok"]
+    started = time.monotonic()
+    result = run_cli("health", "--config", str(cfg), timeout=30)
+    assert time.monotonic() - started < FAST
+    assert result.returncode == 1
+    assert result.stdout.startswith("unhealthy: ") and result.stdout.count("\n") == 1, result.stdout
+    assert_victims_untouched(tmpfs, app_user)
