@@ -73,6 +73,10 @@ def fill(path):
             raise
     finally:
         os.close(fd)
+def append(path):
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    os.write(fd, b"tampered")
+    os.close(fd)
 def plant_dir(path):
     os.mkdir(path)
     open(os.path.join(path, "inside"), "w").close()
@@ -85,6 +89,7 @@ ops = {
     "create": lambda p: os.close(os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)),
     "open_rw": lambda p: os.close(os.open(p, os.O_RDWR | os.O_NONBLOCK)),
     "open_ro": lambda p: os.close(os.open(p, os.O_RDONLY | os.O_NONBLOCK)),
+    "append": append,
     "unlink": os.unlink, "rename": lambda p, dst: os.rename(p, dst),
     "acl": lambda p: os.setxattr(p, "system.posix_acl_access", bytes.fromhex(ACL)),
     "acl_set": lambda p, name: os.setxattr(p, name, bytes.fromhex(ACL)),
@@ -523,3 +528,36 @@ def test_health_never_waits_on_a_planted_status_file(
     assert result.returncode == 1
     assert result.stdout.startswith("unhealthy: ") and result.stdout.count("\n") == 1, result.stdout
     assert_victims_untouched(tmpfs, app_user)
+
+
+@pytest.mark.hostile("app-user")
+def test_the_app_tampering_with_its_own_file_gets_it_back_at_the_next_write(
+    tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """The app owns its file, so it may chmod and write it: the next write restores the value and 0400."""
+    out = tmpfs / "out"
+    cfg, source = file_config(workdir, out, app_user)
+    assert run_cli("render", "--config", str(cfg)).returncode == 0
+    token = str(out / "token")
+    assert as_app(workdir, app_user, ("chmod", token, "666"), ("append", token)) == ["ok", "ok"]
+    result = run_cli("render", "--config", str(cfg))
+    assert result.returncode == 0, result.stderr
+    st = (out / "token").stat()
+    assert (out / "token").read_text() == source.read_text() and stat.S_IMODE(st.st_mode) == 0o400
+    record_cases("app-user", 2)
+
+
+@pytest.mark.hostile("filesystem")
+@pytest.mark.parametrize("name", [".secret-init/owner.lock", ".secret-init/write.lock", "token"])
+def test_a_device_node_left_in_the_volume_is_replaced_never_opened(
+    tmpfs: Path, workdir: Path, app_user: UnixUser, prepopulated: Path, name: str
+) -> None:
+    """The app cannot mknod; whoever prepared the volume could. A character device there is removed unopened."""
+    out = prepopulated
+    cfg, source = file_config(workdir, out, app_user)
+    os.mknod(out / name, stat.S_IFCHR | 0o666, os.makedev(1, 3))  # /dev/null's numbers: harmless were it opened
+    result, took = timed_render(cfg)
+    assert result.returncode == 0, result.stderr
+    assert took < FAST
+    assert (out / "token").read_text() == source.read_text()
+    assert is_private(out / ".secret-init" / "owner.lock") and is_private(out / ".secret-init" / "write.lock")
