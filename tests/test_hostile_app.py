@@ -242,15 +242,16 @@ def start_supervised(cfg: Path, app: list[str]) -> "subprocess.Popen[str]":
     return proc
 
 
-def stop_supervised(proc: "subprocess.Popen[str]", timeout: float = 30) -> tuple[int, str, float]:
+def stop_supervised(proc: "subprocess.Popen[str]", out: Path, timeout: float = 30) -> tuple[int, str, float]:
     """SIGTERM, then its exit code, stderr and how long it took to exit."""
     started = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        proc.kill()  # its app may still hold the pipes: do not wait on them
+        proc.kill()  # its app still holds the pipes: do not wait on them, end it too
         proc.wait()
+        kill_app(out)
         return proc.returncode, "secret-init did not exit after SIGTERM", time.monotonic() - started
     record_output(stdout, "app stdout through secret-init")
     record_output(stderr, "secret-init stderr")
@@ -261,6 +262,15 @@ QUIET_APP = (
     "import signal, sys\nsignal.signal(signal.SIGTERM, lambda *_: sys.exit(0))\n"
     "print('ready', flush=True)\nwhile True:\n    signal.pause()\n"
 )
+
+
+def kill_app(out: Path) -> None:
+    """SIGKILL the app a killed supervisor left behind (its pid is in status.json)."""
+    try:
+        pid = int(json.loads((out / ".secret-init" / "status.json").read_text())["app_pid"])
+        os.kill(pid, signal.SIGKILL)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no status, or the app is gone already
 
 
 def wait_for(predicate: Any, timeout: float, what: str) -> None:
@@ -287,7 +297,7 @@ def test_sigterm_is_acted_on_while_the_app_flocks_the_dir(tmpfs: Path, workdir: 
     status = str(out / ".secret-init" / "status.json")
     locks = [("flock", str(out)), ("flock", str(out / ".secret-init")), ("flock", status), ("ofd", status)]
     with attacking(workdir, app_user, *locks) as attacker:
-        code, stderr, took = stop_supervised(proc)
+        code, stderr, took = stop_supervised(proc, out)
     assert attacker.outcomes() == ["ok"] * len(locks)
     assert code == 0, stderr
     assert took < FAST
@@ -321,11 +331,12 @@ def test_a_vault_refresh_lands_while_the_app_holds_every_lock_it_can(
         with attacking(workdir, app_user, *every_lock_on(out, "api_key")) as attacker:
             bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{key}", secret={"k": second})
             wait_for(lambda: (out / "api_key").read_text() == second, 20, "the rewrite under the app's locks")
-            code, stderr, took = stop_supervised(proc)
+            code, stderr, took = stop_supervised(proc, out)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+            kill_app(out)
     assert attacker.outcomes()[:6] == ["ok"] * 6, attacker.outcomes()
     assert code == 0, stderr
     assert took < FAST
