@@ -368,6 +368,53 @@ def test_a_declined_sigint_does_not_end_rotation(bao: Bao, tmpfs: Path, workdir:
     assert_no_leak(json.dumps(run.logs) + json.dumps(run.app), first, second)
 
 
+IGNORES_SIGINT_APP = r"""
+import json, os, signal, sys, time
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+user = open(os.environ["DB_USER_FILE"]).read()
+print(json.dumps({"event": "start", "pid": os.getpid(), "user": user}), flush=True)
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_a_lease_rotates_after_a_declined_sigint(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """Defect 10 with a database lease (3 s TTL, 9 s max): SIGINT at once, declined; the lease
+    still rotates, the app is restarted with the new user, and the old lease is revoked."""
+    creds = database.role("3s", "9s")
+    role_file, secret_file, _ = database.bao.approle_credentials("app", workdir)
+    cfg = write_config(
+        workdir,
+        f'[output]\ndir = "{tmpfs}/out"\nuser = "{app_user.name}"\n'
+        f'[vault]\naddr = "{database.bao.addr}"\nauth = "approle"\nrole_id_file = "{role_file}"\n'
+        f'secret_id_file = "{secret_file}"\nrequest_timeout = "2s"\n'
+        '[process]\nstop_timeout = "1s"\n'
+        f'[[secret]]\nname = "db_user"\nsource = "vault:{creds}#username"\nenv = "DB_USER_FILE"\n',
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--",
+         *app_command(workdir, "no_sigint", IGNORES_SIGINT_APP)],
+        env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+    )  # fmt: skip
+    run = Lines(proc)
+    try:
+        run.until(lambda r: len(r.app) == 1, 20)
+        first = database.leases(creds)
+        proc.send_signal(signal.SIGINT)
+        run.until(lambda r: len(r.app) == 2, 20)
+        assert run.app[1]["user"] != run.app[0]["user"], "restarted with new credentials"
+        run.until(lambda r: bool(r.logged("lease revoked")), 10)
+        assert not set(first) & set(database.leases(creds)), "the old lease is revoked"
+    finally:
+        code = run.finish()
+    assert code == 0, run.logs[-5:]
+    assert len([e for e in run.logs if "declined the stop" in e["event"]]) == 1
+    assert database.leases(creds) == []
+
+
 # -- 11. an interrupted start --------------------------------------------------------------------
 
 
