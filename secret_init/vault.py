@@ -469,11 +469,16 @@ def _status_error(response: requests.Response) -> hvac_errors.VaultError:
     if isinstance(errors, list):
         text = None
         errors = [e if isinstance(e, str) else json.dumps(e)[:_MAX_REASON] for e in errors[:10]]
-    else:
-        text, errors = response.content[: _MAX_REASON * 4].decode("utf-8", "replace"), None
+    else:  # the body is not quoted: whatever answered may have put anything there, a secret included
+        text, errors = f"no Vault errors in a {len(response.content)}-byte {_media_type(response)} body", None
     return hvac_errors.VaultError.from_status(
         response.status_code, text, errors=errors, method=response.request.method, url=response.url
     )
+
+
+def _media_type(response: requests.Response) -> str:
+    match = re.match(r"[\w.+-]+/[\w.+-]+", response.headers.get("Content-Type", ""))
+    return match.group(0) if match else "untyped"
 
 
 def need_object(doc: dict[str, Any] | None) -> dict[str, Any]:

@@ -142,7 +142,9 @@ class Run(NamedTuple):
     out: Path
 
 
-def render(workdir: Path, out: Path, addr: str, auth: str = "token", vault_extra: str = "", **env: str) -> Run:
+def render(
+    workdir: Path, out: Path, addr: str, auth: str = "token", vault_extra: str = "", startup: float = STARTUP
+) -> Run:
     """`secret-init render` of one secret vault:secret/data/app/x#k from `addr`, as a real process."""
     token = random_secret("tok")
     auth_toml = ""
@@ -153,10 +155,10 @@ def render(workdir: Path, out: Path, addr: str, auth: str = "token", vault_extra
     cfg = write_config(
         workdir,
         f'[output]\ndir = "{out}"\nuser = "65534:65534"\n'
-        f'[vault]\naddr = "{addr}"\n{auth_toml}startup_timeout = "{STARTUP:g}s"\n{vault_extra}\n'
+        f'[vault]\naddr = "{addr}"\n{auth_toml}startup_timeout = "{startup:g}s"\n{vault_extra}\n'
         '[[secret]]\nname = "k"\nsource = "vault:secret/data/app/x#k"\n',
     )
-    result = run_cli("render", "--config", str(cfg), env=base_env(VAULT_TOKEN=token, **env))
+    result = run_cli("render", "--config", str(cfg), env=base_env(VAULT_TOKEN=token))
     credentials = [token]
     if auth == "approle":
         credentials += [(workdir / "role_id").read_text(), (workdir / "secret_id").read_text()]
@@ -404,6 +406,20 @@ def test_a_malformed_read_answer_is_a_clear_error(
     error = one_error_line(run)
     assert text in error
     assert "HTTP 404" not in error or code == 66  # a body of null was reported as a 404
+
+
+@hostile
+@pytest.mark.parametrize("status", [400, 403, 404, 500, 504])
+def test_an_error_body_is_not_quoted(status: int, fakes: Callable[..., FakeVault], tmpfs: Path, workdir: Path) -> None:
+    """Found by the fuzz: the raw body of an error status was quoted, and it may hold anything, a secret too."""
+    value = planted()
+    html = f"<html>proxy error {value}</html>".encode()
+    for body, kind in [(json.dumps(kv2(value)).encode(), "application/json"), (html, "text/html")]:
+        fake = fakes(lambda h, body=body, kind=kind: reply(h, status, body, (f"Content-Type: {kind}",)))
+        run = render(workdir, tmpfs / "out", fake.addr, startup=1.0)
+        assert run.code in (65, 66, 69, 77), run.stderr
+        assert f"no Vault errors in a {len(body)}-byte {kind} body" in one_error_line(run)
+        assert_no_leak(run.stderr, value)
 
 
 def approle(auth: Any) -> Respond:
