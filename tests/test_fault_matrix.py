@@ -663,15 +663,17 @@ def test_an_app_that_crashes_after_a_rotation_restart_ends_the_run(
         code = run.finish()
     logins = audit_requests(database.bao, mark, "auth/approle/login")
     issues = audit_requests(database.bao, mark, creds)
+    revokes = audit_requests(database.bao, mark, "sys/leases/revoke")
     leases, roles = database.leases(creds), database.pg.roles(f"v-approle-{role_name(creds)}")
     figures(
         "4b crash after rotation restart", duration=f"{time.monotonic() - began:.1f}s", exit_code=code,
-        logins=logins, issues=issues, restarts=len(run.logged("app restarted")), leases_left=len(leases),
-        roles_left=len(roles),
+        logins=logins, issues=issues, lease_revokes=revokes, restarts=len(run.logged("app restarted")),
+        leases_left=len(leases), roles_left=len(roles),
     )  # fmt: skip
     assert code == 1, run.stderr[-3000:]
     assert len(run.logged("app restarted")) == 1 and len(run.logged("app started")) == 2, "no third start"
     assert (logins, issues) == (1, 2), "one login; one issue at start and one for the rotation"
+    assert revokes == 2, "each lease revoked by secret-init itself, not only with its token"
     assert leases == [] and roles == set()
 
 
@@ -717,6 +719,7 @@ def test_a_signal_storm_during_a_database_rotation(
     creds = database.role("3s", "9s")
     app = app_command(workdir, "storm_app", STORM_APP)
     cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name)
+    mark = len(database.bao.audit_entries())
     run = Supervision(cfg, [*app, str(database.pg.port)])
     stop, sent = threading.Event(), list[float]()  # one entry (wall time) per signal sent
     stormer = threading.Thread(target=storm, args=(run.proc.pid, stop, sent))
@@ -730,9 +733,12 @@ def test_a_signal_storm_during_a_database_rotation(
         stop.set()
         code = run.finish()
     exits = run.logged("app exited")
+    issues = audit_requests(database.bao, mark, creds)
+    revokes = audit_requests(database.bao, mark, "sys/leases/revoke")
     leases, roles = database.leases(creds), database.pg.roles(f"v-approle-{role_name(creds)}")
     figures(
         "5 signal storm during rotation", duration=f"{time.monotonic() - began:.1f}s", signals_sent=len(sent),
+        issues=issues, lease_revokes=revokes,
         forwarded=len(run.logged("signal forwarded")), rotations=len(run.logged("lease rotated")),
         restarts=len(run.logged("app restarted")), abandoned=len(run.logged("restart abandoned: a stop was requested")),
         storm_window=f"{sent[0] - began_wall:.1f}..{sent[-1] - began_wall:.1f}s",
@@ -745,10 +751,21 @@ def test_a_signal_storm_during_a_database_rotation(
     assert sent[0] < rotated < old_app_stopped < sent[-1], "the storm spanned the rotation up to the restart"
     assert exits and code == exits[-1]["exit_code"], "secret-init exits with the app's status"
     assert "Traceback" not in run.stderr and "Traceback" not in run.stdout
+    assert issues == revokes == 2, "the rotation's old lease and the last one, each revoked once"
     assert leases == [] and roles == set()
 
 
 # -- 6. a full tmpfs at rotation ------------------------------------------------------------------
+
+
+def settled(read: Callable[[], list[str]], good: Callable[[list[str]], bool], timeout: float) -> list[str]:
+    """`read()` once it is `good`, or its last value after `timeout` (for the assertion to show)."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not good(value) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        value = read()
+    return value
 
 
 def fill(directory: Path) -> Path:
@@ -781,8 +798,7 @@ def test_a_full_tmpfs_at_rotation_revokes_the_new_lease_and_keeps_the_old_files(
         old = {n: (out / n).read_bytes() for n in ("db_user", "db_password")}
         planted = fill(small_tmpfs)
         run.until(has("rotation could not write files"), 20)
-        run.until(lambda r: bool(r.logged("lease revoked") or r.logged("lease revoke failed; it expires by itself")), 5)
-        during = database.leases(creds)
+        during = settled(lambda: database.leases(creds), lambda leases: len(leases) == 1, 2)
         temps = [p.name for p in out.iterdir() if p.name.startswith(TEMP_PREFIX)]
         kept = {n: (out / n).read_bytes() for n in old}
         failed_lease_revoked = [e for e in run.logged("lease revoked") if e["lease_id"] not in during]
