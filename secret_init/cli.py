@@ -209,12 +209,8 @@ def abort_start_on_stop_signals() -> None:
 
     def interrupt(signum: int, _frame: object) -> None:
         for stop in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(stop, _ignore)
+            signal.signal(stop, signal.SIG_IGN)  # this process exits now, it never execs the app
         raise StartInterrupted(signum)
 
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, interrupt)
-
-
-def _ignore(_signum: int, _frame: object) -> None:
-    """A handler, not SIG_IGN: an exec'd app gets the default action back, not an ignored signal."""

@@ -89,6 +89,7 @@ class Supervised:
                 self.step(self._wait_time())
         finally:
             self.finish()
+            self.supervisor.uninstall()
         return self.exit_code()
 
     def begin(self) -> None:

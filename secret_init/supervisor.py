@@ -76,6 +76,15 @@ class Supervisor:
         if _foreground_is_ours(0):
             self._tty = 0
 
+    def uninstall(self) -> None:
+        """The loop has ended: ignore what would have been forwarded.
+
+        Python resets its handlers to SIG_DFL at interpreter exit, so a late SIGHUP, say,
+        would kill us and the app's exit status would be lost; SIG_IGN it keeps.
+        """
+        for signum in FORWARDED:
+            signal.signal(signum, signal.SIG_IGN)
+
     def _enqueue(self, signum: int, _frame: object) -> None:
         if signum in STOP_SIGNALS:
             self.stop_requested = signum

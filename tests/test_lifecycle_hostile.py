@@ -690,3 +690,35 @@ def test_signal_storms_during_restart_rotations(
     # before its shell's trap was in place, and that is its code too.
     assert code in (3, 129, 138), code
     assert database.leases(creds) == []
+
+
+EXITS_3_APP = "trap '' HUP USR1; sleep 0.3; exit 3"
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_a_storm_while_the_app_exits_keeps_its_exit_code(
+    tmpfs: Path, workdir: Path, app_user: UnixUser, attempt: int
+) -> None:
+    """The app exits 3 by itself while SIGHUP/SIGUSR1/SIGCHLD/SIGWINCH keep coming, through
+    secret-init's exit: Python's handlers are gone at interpreter exit, so a late SIGHUP
+    killed it (-1) and the app's code was lost. Four runs."""
+    source = workdir / "token"
+    source.write_text(random_secret("t"))
+    cfg = write_config(
+        workdir,
+        f'[output]\ndir = "{tmpfs}/out"\nuser = "{app_user.name}"\n[process]\nsupervise = true\n'
+        f'stop_timeout = "1s"\n[[secret]]\nname = "token"\nsource = "file:{source}"\n',
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", "/bin/sh", "-c", EXITS_3_APP],
+        env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+    )  # fmt: skip
+    run = Lines(proc)
+    counts: dict[str, int] = {}
+    try:
+        run.until(lambda r: bool(r.logged("app started")), 20)
+        storm(run, 30, counts)  # until secret-init has exited
+    finally:
+        code = run.finish()
+    assert sum(counts.values()) > 100
+    assert code == 3, (code, counts)
