@@ -720,5 +720,6 @@ def test_a_storm_while_the_app_exits_keeps_its_exit_code(
         storm(run, 30, counts)  # until secret-init has exited
     finally:
         code = run.finish()
+    print("storm at exit:", counts, "code:", code)
     assert sum(counts.values()) > 100
     assert code == 3, (code, counts)
