@@ -130,7 +130,7 @@ class FakeVault:
     def revoke_own_token(self) -> None:
         self._record("revoke_token")
 
-    def read(self, path: str, purpose: str) -> VaultSecret:
+    def read(self, path: str, purpose: str, max_size: int = 0) -> VaultSecret:
         self._record("read", path)
         if path == KV:
             return VaultSecret(path, {"api_key": self.api_key}, None)
