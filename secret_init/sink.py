@@ -304,10 +304,12 @@ class Sink:
             os.fchown(fd, f.owner.uid, f.owner.gid)
             _write_all(fd, f.data.reveal())
             os.fsync(fd)
-        except OSError as e:
+        except BaseException as e:  # a stop signal mid-write too: no temp file stays behind
             os.close(fd)
             _unlink_quietly(temp, dfd)
-            raise self._error(f, "cannot be written", e) from None
+            if isinstance(e, OSError):
+                raise self._error(f, "cannot be written", e) from None
+            raise
         os.close(fd)
         return temp
 

@@ -123,6 +123,32 @@ def test_full_disk_keeps_old_files_and_leaves_no_temp(small_tmpfs: Path) -> None
     assert temp_files(small_tmpfs / "s") == []
 
 
+class InterruptedOnStage(Hidden):
+    """A stand-in for a stop signal landing mid-write (a signal cannot be timed to that instant):
+    the first reveal() is the up-to-date check, the second is the staging write."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self, value: bytes) -> None:
+        super().__init__(value)
+        self.calls = 0
+
+    def reveal(self) -> bytes:
+        self.calls += 1
+        if self.calls == 2:
+            raise KeyboardInterrupt
+        return super().reveal()
+
+
+def test_a_stop_signal_while_staging_leaves_no_temp_file(tmpfs: Path) -> None:
+    sink = ready_sink(tmpfs / "s")
+    sink.write([out_file("a", b"old-a")])
+    with pytest.raises(KeyboardInterrupt):
+        sink.write([OutputFile("a", InterruptedOnStage(b"new-a"), 0o400, OWNER)])
+    assert (tmpfs / "s" / "a").read_bytes() == b"old-a"
+    assert temp_files(tmpfs / "s") == []
+
+
 def hold_write_lock(out: Path) -> int:
     """What another secret-init does while it writes: an flock on .secret-init/write.lock."""
     fd = os.open(out / ".secret-init" / "write.lock", os.O_RDWR)
