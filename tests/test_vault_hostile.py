@@ -315,6 +315,55 @@ def test_a_drip_is_cut_at_startup_timeout(
     assert elapsed < STARTUP + MARGIN, f"the start took {elapsed:.1f} s with startup_timeout = {STARTUP} s"
 
 
+class HandshakeDrip:
+    """A FAKE TLS server (labelled): it opens a TLS record of 16 KiB, then sends one byte every 0.2 s.
+
+    The handshake happens inside connect(). Python's ssl bounds a whole handshake by the socket
+    timeout, which the transport sets to the request's budget: a drip there ends at the budget too.
+    """
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._drip, args=(conn,), daemon=True).start()
+
+    def _drip(self, conn: socket.socket) -> None:
+        with conn, contextlib.suppress(OSError):
+            conn.sendall(b"\x16\x03\x03\x40\x00")  # handshake record header: 16 KiB to follow
+            while not self.closed.wait(0.2):
+                conn.sendall(b"\x00")
+
+    def close(self) -> None:
+        self.closed.set()
+        self.listener.close()
+
+
+@hostile
+def test_a_drip_in_the_tls_handshake_is_cut_at_startup_timeout(tmpfs: Path, workdir: Path) -> None:
+    ca = make_test_ca(workdir / "pki")
+    server = HandshakeDrip()
+    try:
+        started = time.monotonic()
+        run = render(
+            workdir, tmpfs / "out", f"https://127.0.0.1:{server.port}", vault_extra=f'ca_cert = "{ca.ca_cert}"'
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        server.close()
+    assert run.code == 69, run.stderr
+    one_error_line(run)
+    assert elapsed < STARTUP + MARGIN, f"the start took {elapsed:.1f} s with startup_timeout = {STARTUP} s"
+
+
 @hostile
 def test_one_request_after_startup_takes_at_most_request_timeout(fakes: Callable[..., FakeVault]) -> None:
     """The renewer's requests: a drip is cut at request_timeout, and the client's lock is free again."""
