@@ -10,13 +10,13 @@ from enum import IntEnum
 class ExitCode(IntEnum):
     OK = 0
     USAGE = 64
-    DATA = 65  # a missing field or template placeholder; a request Vault rejects as invalid
+    DATA = 65  # a missing field or placeholder; a request Vault rejects; a malformed or oversized Vault answer
     NO_INPUT = 66  # a source file or Vault path that does not exist or cannot be read
     NO_USER = 67  # the configured user does not exist
-    UNAVAILABLE = 69  # Vault unreachable, sealed or overloaded past startup_timeout
+    UNAVAILABLE = 69  # Vault unreachable, sealed, overloaded or too slow past startup_timeout; a foreign redirect
     SOFTWARE = 70  # a bug in secret-init
     CANT_CREATE = 73  # an output file could not be written (disk full, I/O error)
-    TEMPFAIL = 75  # a lease expired before it could be rotated (on_expiry = "stop")
+    TEMPFAIL = 75  # a lease expired unrotated (on_expiry = "stop"); the output dir is another's or its lock is held
     NO_PERMISSION = 77  # non-tmpfs dir, chown refused, root refused, Vault denied
     CONFIG = 78  # malformed or inconsistent configuration
     NOT_EXECUTABLE = 126
