@@ -164,7 +164,7 @@ def role_name(creds: str) -> str:
     return creds.rsplit("/", 1)[1]
 
 
-# -- 1. a non-dev OpenBao with file storage --------------------------------------------------
+# -- 1. a non-dev OpenBao on raft storage ----------------------------------------------------
 
 
 @dataclass
