@@ -18,6 +18,7 @@ from secret_init.errors import SecretInitError
 STATUS_DIR = ".secret-init"  # inside output.dir
 STATUS_FILE = "status.json"
 STATUS_VERSION = 1
+MAX_STATUS_SIZE = 1024 * 1024  # ours is a few KiB; a bigger one was planted
 
 
 class LeaseView(NamedTuple):
@@ -107,7 +108,10 @@ def read_regular(path: str) -> bytes:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path} is not a regular file")
         with os.fdopen(fd, "rb", closefd=False) as f:
-            return f.read()
+            data = f.read(MAX_STATUS_SIZE + 1)
+        if len(data) > MAX_STATUS_SIZE:
+            raise OSError(f"{path} is over {MAX_STATUS_SIZE} bytes")
+        return data
     finally:
         os.close(fd)
 

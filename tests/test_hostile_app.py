@@ -541,6 +541,20 @@ def test_health_never_waits_on_a_planted_status_file(
     assert_victims_untouched(tmpfs, app_user)
 
 
+@pytest.mark.hostile("filesystem")
+def test_health_reads_a_bounded_part_of_a_huge_planted_status_file(
+    tmpfs: Path, workdir: Path, app_user: UnixUser, prepopulated: Path
+) -> None:
+    """A sparse 2 GiB status.json the app left in its volume: health refuses it unread, not after 2 GiB."""
+    out = prepopulated
+    cfg, _ = file_config(workdir, out, app_user)
+    with (out / ".secret-init" / "status.json").open("wb") as planted:
+        planted.truncate(2 * 1024**3)  # sparse: no tmpfs page is used
+    result = run_cli("health", "--config", str(cfg), timeout=30)
+    assert result.returncode == 1
+    assert "is over 1048576 bytes" in result.stdout, result.stdout
+
+
 @pytest.mark.hostile("app-user")
 def test_the_app_tampering_with_its_own_file_gets_it_back_at_the_next_write(
     tmpfs: Path, workdir: Path, app_user: UnixUser
