@@ -592,51 +592,64 @@ def test_a_symlink_at_output_dir_is_refused_wherever_it_points(tmpfs: Path) -> N
         assert info.value.exit_code == ExitCode.NO_PERMISSION
 
 
-RENDER_IN_PRIVATE_TMP = r"""
+RENDER_IN_PRIVATE_SHARED_DIR = r"""
 set -e
-mount -t tmpfs si-test /tmp
-chmod 1777 /tmp
-mkdir -m 0700 /tmp/si-cfg
-cat > /tmp/si-cfg/secret
-printf '%s' "$SI_CONFIG" > /tmp/si-cfg/config.toml
-ln -s /tmp /tmp/si-cfg/link
-ln -s / /tmp/si-cfg/root
-echo others > /tmp/.si-tmp-others
-echo others > /tmp/others
+mount -t tmpfs si-test "$SI_DIR"
+chmod 1777 "$SI_DIR"
+mkdir -m 0700 "$SI_DIR/si-cfg"
+cat > "$SI_DIR/si-cfg/secret"
+printf '%s' "$SI_CONFIG" > "$SI_DIR/si-cfg/config.toml"
+ln -s "$SI_DIR" "$SI_DIR/si-cfg/link"
+ln -s / "$SI_DIR/si-cfg/root"
+echo others > "$SI_DIR/.si-tmp-others"
+echo others > "$SI_DIR/others"
 set +e
-"$SI_PYTHON" -m secret_init render --config /tmp/si-cfg/config.toml 2>/tmp/si-cfg/stderr
+"$SI_PYTHON" -m secret_init render --config "$SI_DIR/si-cfg/config.toml" 2>"$SI_DIR/si-cfg/stderr"
 echo "rc=$?"
-stat -c 'tmp=%a %u %g' /tmp
-ls -A /tmp | sed 's/^/entry=/'
-sed 's/^/stderr=/' /tmp/si-cfg/stderr
+stat -c 'dir=%a %u %g' "$SI_DIR"
+ls -A "$SI_DIR" | sed 's/^/entry=/'
+sed 's/^/stderr=/' "$SI_DIR/si-cfg/stderr"
 """
+
+
+def shared_dir_away_from_the_code() -> str:
+    """A shared dir to hide under a private tmpfs: not one that holds this checkout or its interpreter."""
+    code = (os.path.realpath(REPO), os.path.realpath(sys.prefix), os.path.realpath(sys.executable))
+    for candidate in ("/var/tmp", "/tmp"):
+        if not any(path == candidate or path.startswith(candidate + "/") for path in code):
+            return candidate
+    pytest.skip("this checkout lives under both /var/tmp and /tmp")
 
 
 @needs_root
 @pytest.mark.hostile("filesystem")
-@pytest.mark.parametrize(
-    "spelling", ["//tmp", "/tmp/./", "/tmp/si-cfg/../../tmp", "/tmp/si-cfg/link", "/tmp/si-cfg/root/tmp"]
-)
-def test_render_into_another_spelling_of_tmp_touches_nothing_there(spelling: str) -> None:
-    """The realistic case, in a private mount namespace over its own /tmp: render refuses (78) and
-    /tmp keeps its mode, owner and the others' entries (the sink's clean-up used to delete `.si-tmp-*`)."""
+@pytest.mark.parametrize("spelling", ["/{d}", "{d}/./", "{d}/si-cfg/../..{d}", "{d}/si-cfg/link", "{d}/si-cfg/root{d}"])
+def test_render_into_another_spelling_of_a_shared_dir_touches_nothing_there(spelling: str) -> None:
+    """The realistic case, in a private mount namespace over its own tmpfs at a shared dir: render
+    refuses (78) and the dir keeps its mode, owner and the others' entries (the sink's clean-up used
+    to delete `.si-tmp-*`). The dir is /var/tmp, or /tmp if the checkout is under /var/tmp: the
+    private tmpfs hides what was there, and the interpreter must stay reachable."""
+    shared = shared_dir_away_from_the_code()
     secret = random_secret("render")
-    config = f'[output]\ndir = "{spelling}"\n[[secret]]\nname = "k"\nsource = "file:/tmp/si-cfg/secret"\n'
+    config = (
+        f'[output]\ndir = "{spelling.format(d=shared)}"\n'
+        f'[[secret]]\nname = "k"\nsource = "file:{shared}/si-cfg/secret"\n'
+    )
     result = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", RENDER_IN_PRIVATE_TMP],
+        ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", RENDER_IN_PRIVATE_SHARED_DIR],
         input=secret,
-        env=base_env(SI_CONFIG=config, SI_PYTHON=sys.executable),
+        env=base_env(SI_CONFIG=config, SI_PYTHON=sys.executable, SI_DIR=shared),
         cwd=REPO,
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    record_output(result.stdout + result.stderr, "render in a private /tmp")
+    record_output(result.stdout + result.stderr, "render in a private shared dir")
     assert_no_leak(result.stdout + result.stderr, secret)
     facts = [line.split("=", 1) for line in result.stdout.splitlines() if "=" in line]
     assert ["rc", str(int(ExitCode.CONFIG))] in facts, result.stdout + result.stderr
-    assert ["tmp", f"{stat.S_IMODE(0o1777):o} 0 0"] in facts
+    assert ["dir", f"{stat.S_IMODE(0o1777):o} 0 0"] in facts
     entries = sorted(value for key, value in facts if key == "entry")
     assert entries == [".si-tmp-others", "others", "si-cfg"]
 
