@@ -8,12 +8,10 @@ checked against the real one (test_real_openbao_answers_pass_validation).
 
 import contextlib
 import json
-import os
 import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import zlib
@@ -579,28 +577,35 @@ class Measured(NamedTuple):
     seconds: float
 
 
+# wait4's ru_maxrss of a child counts the memory of the process it was forked from (Linux keeps
+# the high-water mark across fork and exec): a child of a big pytest process would report pytest's
+# size. So a small interpreter starts secret-init and reports its peak alone.
+MEASURE = r"""
+import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
+"""
+
+
 def render_measured(workdir: Path, out: Path, addr: str) -> Measured:
-    """Like render(), but with the process's peak RSS (wait4's ru_maxrss: that child's alone)."""
+    """Like render(), but with the secret-init process's own peak RSS."""
     cfg = write_config(
         workdir,
         f'[output]\ndir = "{out}"\nuser = "65534:65534"\n[vault]\naddr = "{addr}"\nstartup_timeout = "{STARTUP:g}s"\n'
         '[[secret]]\nname = "k"\nsource = "vault:secret/data/app/x#k"\n',
     )
     token = random_secret("tok")
-    with tempfile.TemporaryFile("w+") as stderr:
-        started = time.monotonic()
-        child = subprocess.Popen(
-            [sys.executable, "-m", "secret_init", "render", "--config", str(cfg)],
-            env=base_env(VAULT_TOKEN=token), cwd=REPO, stdout=subprocess.DEVNULL, stderr=stderr,
-        )  # fmt: skip
-        _, status, usage = os.wait4(child.pid, 0)
-        seconds = time.monotonic() - started
-        child.returncode = os.waitstatus_to_exitcode(status)
-        stderr.seek(0)
-        text = stderr.read()
-    record_output(text, "render_measured stderr")
-    assert_no_leak(text, token)
-    return Measured(child.returncode, text, usage.ru_maxrss / 1024, seconds)
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-c", MEASURE, sys.executable, "-m", "secret_init", "render", "--config", str(cfg)],
+        env=base_env(VAULT_TOKEN=token), cwd=REPO, capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    seconds = time.monotonic() - started
+    code, max_rss_kib = (int(x) for x in result.stdout.split())
+    record_output(result.stderr, "render_measured stderr")
+    assert_no_leak(result.stderr, token)
+    return Measured(code, result.stderr, max_rss_kib / 1024, seconds)
 
 
 @hostile
