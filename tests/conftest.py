@@ -467,6 +467,10 @@ def postgres() -> Iterator[Postgres]:
     pg = start_postgres(bin_dir)
     try:
         yield pg
+        usable = (
+            "select rolname from pg_roles where rolname like 'v-%' and (rolvaliduntil is null or rolvaliduntil > now())"
+        )
+        figures.record_leftovers("usable database roles made by Vault", pg.sql(usable).split())
     finally:
         stop_postgres(pg)
 
@@ -498,8 +502,24 @@ class Database:
 
 
 @pytest.fixture(scope="session")
-def database(bao: Bao, postgres: Postgres) -> Database:
-    return connect_database(bao, postgres)
+def database(bao: Bao, postgres: Postgres) -> Iterator[Database]:
+    yield connect_database(bao, postgres)
+    figures.record_leftovers("live leases under database/creds", live_leases(bao, "database/creds"))
+
+
+def live_leases(bao: Bao, prefix: str) -> list[str]:
+    """Every lease id under `prefix`, walking sys/leases/lookup's folders."""
+    found: list[str] = []
+    folders = [prefix]
+    while folders:
+        folder = folders.pop()
+        try:
+            keys = bao.client.sys.list_leases(folder)["data"]["keys"]
+        except Exception:  # hvac raises InvalidPath for an empty folder
+            keys = []
+        for key in keys:
+            (folders if key.endswith("/") else found).append(f"{folder}/{key}".replace("//", "/"))
+    return [f.rstrip("/") for f in found]
 
 
 def connect_database(bao: Bao, postgres: Postgres) -> Database:

@@ -190,6 +190,7 @@ class FiguresPlugin:
         self.nodeid = ""  # the test running now, for record_cases
         self.hunted: list[Leak] | None = None  # set once the final test has searched
         self.search_seconds = 0.0  # the session-end search's cost, one needle at a time
+        self.leftovers: dict[str, list[str]] = {}  # what the session's services still held at their end
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         for item in items:
@@ -220,6 +221,13 @@ class FiguresPlugin:
         (directory / ".gitignore").write_text("*\n")  # figures of one run, never committed
         write_json(directory / "leak-hunt.json", self.leak_figures(leaks))
         write_json(directory / "hostile.json", self.hostile_figures())
+        write_json(directory / "leftovers.json", {k: {"count": len(v), "names": v} for k, v in self.leftovers.items()})
+        left = {kind: names for kind, names in self.leftovers.items() if names}
+        if left:
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line(f"LEFT BEHIND at the end of the session: {left}", red=True, bold=True)
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
         new = [leak for leak in leaks if leak not in (self.hunted or [])]
         if new:
             reporter = session.config.pluginmanager.get_plugin("terminalreporter")
@@ -291,6 +299,13 @@ def register_secret(value: str, source: str = "test") -> str:
     if plugin is not None and value:
         plugin.leaks.add_value(value, source)
     return value
+
+
+def record_leftovers(kind: str, names: Iterable[str]) -> None:
+    """What a session service still holds when it stops (live leases, usable database roles): must be none."""
+    plugin = current()
+    if plugin is not None:
+        plugin.leftovers.setdefault(kind, []).extend(sorted(names))
 
 
 def record_output(text: str | bytes, label: str = "output") -> None:
