@@ -191,6 +191,7 @@ class FiguresPlugin:
         self.hunted: list[Leak] | None = None  # set once the final test has searched
         self.search_seconds = 0.0  # the session-end search's cost, one needle at a time
         self.leftovers: dict[str, list[str]] = {}  # what the session's services still held at their end
+        self.case_figures: dict[str, dict[str, dict[str, Any]]] = {}  # group -> case -> measured values
 
     def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
         for item in items:
@@ -221,6 +222,7 @@ class FiguresPlugin:
         (directory / ".gitignore").write_text("*\n")  # figures of one run, never committed
         write_json(directory / "leak-hunt.json", self.leak_figures(leaks))
         write_json(directory / "hostile.json", self.hostile_figures())
+        write_json(directory / "cases.json", self.case_figures)
         write_json(directory / "leftovers.json", {k: {"count": len(v), "names": v} for k, v in self.leftovers.items()})
         left = {kind: names for kind, names in self.leftovers.items() if names}
         if left:
@@ -299,6 +301,13 @@ def register_secret(value: str, source: str = "test") -> str:
     if plugin is not None and value:
         plugin.leaks.add_value(value, source)
     return value
+
+
+def record_figure(group: str, case: str, **values: Any) -> None:
+    """A measured outcome of one case (a fault, a storm, a huge answer) for .test-figures/cases.json."""
+    plugin = current()
+    if plugin is not None:
+        plugin.case_figures.setdefault(group, {})[case] = values
 
 
 def record_leftovers(kind: str, names: Iterable[str]) -> None:

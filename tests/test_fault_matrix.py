@@ -52,6 +52,7 @@ from tests.conftest import (
     stop_postgres,
     write_config,
 )
+from tests.figures import record_figure
 from tests.test_leases import DB_APP, lease_config
 
 pytestmark = needs_root
@@ -62,6 +63,7 @@ TEMP_PREFIX = ".si-tmp-"  # secret-init's staged files (secret_init/sink.py)
 def figures(case: str, **values: object) -> None:
     """One line per case, for `pytest -s` and the report."""
     print(f"\n[fault-matrix] {case}: " + " ".join(f"{k}={v}" for k, v in values.items()), flush=True)
+    record_figure("fault matrix", case, **{k: str(v) for k, v in values.items()})
 
 
 # -- secret-init supervising a probing app ----------------------------------------------------

@@ -32,6 +32,7 @@ from tests.conftest import (
     random_secret,
     write_config,
 )
+from tests.figures import record_figure
 
 pytestmark = needs_root
 
@@ -680,6 +681,13 @@ def test_signal_storms_during_restart_rotations(
     finally:
         code = run.finish()
     print("signal storm:", counts, "rotations:", len(run.logged("lease rotated")), "code:", code)
+    record_figure(
+        "signal storms",
+        "during restart rotations",
+        signals=counts,
+        rotations=len(run.logged("lease rotated")),
+        code=code,
+    )
     assert sum(counts.values()) > 1000
     assert len(run.logged("lease rotated")) >= 1, "the storm spanned a restart rotation"
     assert len(run.logged("app restarted")) >= 1
@@ -721,5 +729,6 @@ def test_a_storm_while_the_app_exits_keeps_its_exit_code(
     finally:
         code = run.finish()
     print("storm at exit:", counts, "code:", code)
+    record_figure("signal storms", f"while the app exits (run {attempt + 1})", signals=counts, code=code)
     assert sum(counts.values()) > 100
     assert code == 3, (code, counts)

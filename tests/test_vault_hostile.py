@@ -42,6 +42,7 @@ from tests.conftest import (
     secret_files,
     write_config,
 )
+from tests.figures import record_figure
 
 pytestmark = needs_root
 hostile = pytest.mark.hostile("vault-answers")
@@ -621,6 +622,7 @@ def test_a_huge_answer_is_refused_before_it_is_parsed(
     assert run.code == 65, run.stderr
     assert "the answer is over 9437184 bytes" in one_error_line(Run(run.code, run.stderr, tmpfs / "out"))
     print(f"\nhuge answer ({case}): exit {run.code} in {run.seconds:.1f} s, peak RSS {run.peak_rss_mib:.0f} MiB")
+    record_figure("huge answers", case, code=run.code, seconds=round(run.seconds, 2), rss_mib=round(run.peak_rss_mib))
     assert run.peak_rss_mib < 150, f"peak RSS {run.peak_rss_mib:.0f} MiB for a refused 200 MiB answer"
     assert fake.seen[0].headers.get("Accept-Encoding") == "identity"
     if case == "declared":
