@@ -32,7 +32,7 @@ from tests.conftest import (
     random_secret,
     write_config,
 )
-from tests.figures import record_figure
+from tests.figures import record_cases, record_figure
 
 pytestmark = needs_root
 
@@ -230,6 +230,7 @@ def app_pid_namespace(workdir: Path, app_user: UnixUser) -> Iterator[tuple[int, 
         proc.wait()
 
 
+@pytest.mark.hostile("app-user")
 def test_the_sidecar_signals_only_a_pid_that_passes_every_check(
     app_pid_namespace: tuple[int, Path], workdir: Path, app_user: UnixUser
 ) -> None:
@@ -258,6 +259,7 @@ def test_the_sidecar_signals_only_a_pid_that_passes_every_check(
         "every refusal (the ancestor case refuses twice) is logged, with its reason"
     )
     assert all(e["level"] == "warning" and e["error"] for e in refusals)
+    record_cases("app-user", len(cases))
 
 
 # -- 10. a stop the app declines ---------------------------------------------------------------
@@ -333,6 +335,7 @@ def sha(value: str) -> str:
     return hashlib.sha256(value.encode()).hexdigest()
 
 
+@pytest.mark.hostile("signals")
 def test_a_declined_sigint_does_not_end_rotation(bao: Bao, tmpfs: Path, workdir: Path, app_user: UnixUser) -> None:
     """Defect 10: after a SIGINT the app ignored, no refresh or rotation ever ran again.
 
@@ -380,6 +383,7 @@ while True:
 """
 
 
+@pytest.mark.hostile("signals")
 def test_a_lease_rotates_after_a_declined_sigint(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser
 ) -> None:
@@ -455,6 +459,7 @@ def supplied_token(database: Database) -> str:
     return str(database.bao.client.auth.token.create(policies=["app-read"], ttl="5m")["auth"]["client_token"])
 
 
+@pytest.mark.hostile("signals")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_start_interrupted_by_a_signal_revokes_its_leases(
     database: Database, dead_database_role: str, tmpfs: Path, workdir: Path, app_user: UnixUser, signum: int
@@ -496,6 +501,7 @@ def test_a_start_interrupted_by_a_signal_revokes_its_leases(
     assert_no_leak(json.dumps(run.logs), token)
 
 
+@pytest.mark.hostile("faults")
 def test_a_start_that_fails_after_the_reads_revokes_its_leases(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser
 ) -> None:
@@ -526,6 +532,7 @@ print("got:" + line.strip(), flush=True)
 """
 
 
+@pytest.mark.hostile("signals")
 def test_a_supervised_app_on_a_terminal_reads_stdin(tmpfs: Path, workdir: Path, app_user: UnixUser) -> None:
     """Defect 12: in its own process group the app was stopped by SIGTTIN when it read stdin.
 
@@ -570,6 +577,7 @@ for line in sys.stdin:
 """
 
 
+@pytest.mark.hostile("signals")
 def test_a_restarted_app_gets_the_terminal_too(bao: Bao, tmpfs: Path, workdir: Path, app_user: UnixUser) -> None:
     """Defect 12, after a restart: the secret changes in Vault, the app is restarted, and the new
     app (a new process group) reads the terminal as the first one did."""
@@ -649,6 +657,7 @@ def storm(run: Lines, seconds: float, counts: dict[str, int]) -> None:
         run.drain(0.02)
 
 
+@pytest.mark.hostile("signals")
 def test_signal_storms_during_restart_rotations(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser
 ) -> None:
@@ -703,6 +712,7 @@ def test_signal_storms_during_restart_rotations(
 EXITS_3_APP = "trap '' HUP USR1; sleep 0.3; exit 3"
 
 
+@pytest.mark.hostile("signals")
 @pytest.mark.parametrize("attempt", range(4))
 def test_a_storm_while_the_app_exits_keeps_its_exit_code(
     tmpfs: Path, workdir: Path, app_user: UnixUser, attempt: int
