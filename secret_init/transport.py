@@ -16,6 +16,7 @@ PoolManager's pool_classes_by_scheme and a pool's ConnectionCls.
 
 import contextlib
 import io
+import re
 import socket
 import threading
 from collections.abc import Callable
@@ -191,9 +192,16 @@ class _CappedAdapter(requests.adapters.HTTPAdapter):
         return response
 
 
+def _declared_over(declared: str, cap: int) -> bool:
+    """A Content-Length of ASCII digits over the cap; anything else urllib3 drops and the body is read, capped."""
+    digits = declared.strip().lstrip("0")
+    if not re.fullmatch(r"[0-9]*", digits):  # not isdigit(): '²' passes it and int() refuses it
+        return False
+    return len(digits) > len(str(cap)) or int(digits or "0") > cap  # int() refuses over 4300 digits
+
+
 def _read_capped(response: requests.Response, cap: int) -> bytes:
-    declared = response.headers.get("Content-Length", "").strip()
-    if declared.isdigit() and int(declared) > cap:
+    if _declared_over(response.headers.get("Content-Length", ""), cap):
         raise AnswerTooLarge(cap)
     raw = response.raw
     chunks, total = [], 0
@@ -258,10 +266,13 @@ class VaultSession(requests.Session):
 
     def _refuse_foreign_redirect(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
         """Runs before requests follows a redirect: anywhere but home is refused before it is sent."""
-        target = self.get_redirect_target(response)
-        if target is not None:
-            url = urljoin(response.url, target)
-            if origin(url) != self.home:
-                response.close()
-                raise RedirectRefused(safe_url(url))
+        try:
+            target = self.get_redirect_target(response)
+            url = None if target is None else urljoin(response.url, target)
+        except ValueError:  # a Location that is not UTF-8, or an unclosed [IPv6 bracket
+            response.close()
+            raise RedirectRefused(safe_url("")) from None
+        if url is not None and origin(url) != self.home:
+            response.close()
+            raise RedirectRefused(safe_url(url))
         return response

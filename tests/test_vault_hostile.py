@@ -258,6 +258,54 @@ def test_a_redirect_with_userinfo_is_never_logged(fakes: Callable[..., FakeVault
     assert catcher.seen == []
 
 
+def raw_reply(head: bytes, body: bytes = b"") -> Respond:
+    """Header bytes as given, not UTF-8 or even latin-1 text: what a hostile server may send."""
+
+    def respond(h: QuietHandler) -> None:
+        h.wfile.write(b"HTTP/1.1 " + head + b"\r\nConnection: close\r\n\r\n" + body)
+
+    return respond
+
+
+UNPARSABLE_LOCATIONS = {
+    "307 unclosed IPv6 bracket": b"307 X\r\nContent-Length: 0\r\nLocation: http://[::1",
+    "302 bad IPv6 netloc": b"302 X\r\nContent-Length: 0\r\nLocation: //[zz",
+    "307 not UTF-8": b"307 X\r\nContent-Length: 0\r\nLocation: /v1/\xff\xfe",
+}
+
+
+@hostile
+@pytest.mark.parametrize("case", list(UNPARSABLE_LOCATIONS))
+def test_an_unparsable_redirect_is_refused(
+    case: str, fakes: Callable[..., FakeVault], tmpfs: Path, workdir: Path
+) -> None:
+    """requests' get_redirect_target and urljoin raised ValueError on these: exit 70 ("internal error")."""
+    fake = fakes(raw_reply(UNPARSABLE_LOCATIONS[case]))
+    run = render(workdir, tmpfs / "out", fake.addr)
+    assert run.code == 69, run.stderr
+    assert "refused a redirect to an address that is not http(s)://host[:port]" in one_error_line(run)
+    assert len(fake.seen) == 1
+
+
+@hostile
+@pytest.mark.parametrize("declared", [b"\xb2", b"9" * 5000])
+def test_a_content_length_int_cannot_read_is_no_internal_error(
+    declared: bytes, fakes: Callable[..., FakeVault], tmpfs: Path, workdir: Path
+) -> None:
+    """'²'.isdigit() is True but int() refuses it (exit 70): it is dropped, as urllib3 drops it, and the
+    body is read up to the cap; 5000 ASCII digits (int() refuses over 4300) are over the cap."""
+    value = random_secret("v")
+    body = json.dumps(kv2(value)).encode()
+    fake = fakes(raw_reply(b"200 X\r\nContent-Type: application/json\r\nContent-Length: " + declared, body))
+    run = render(workdir, tmpfs / "out", fake.addr)
+    if declared.isdigit():
+        assert run.code == 65, run.stderr
+        assert "the answer is over 9437184 bytes" in one_error_line(run)
+    else:
+        assert run.code == 0, run.stderr
+        assert (run.out / "k").read_text() == value
+
+
 @hostile
 def test_a_configured_addr_with_userinfo_is_never_logged() -> None:
     """Config refuses userinfo in addr; should one get through, no log line or error quotes it."""
