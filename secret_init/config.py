@@ -119,7 +119,8 @@ def validate_env_name(env: str) -> str | None:
 def validate_user_spec(user: str) -> str | None:
     if ids := re.fullmatch(_UID_GID, user):
         # (uid_t)-1 means "leave unchanged" to chown and setresuid: a file would stay root's
-        too_big = any(int(n) > MAX_ID for n in ids.groups())
+        # more than 10 digits is over MAX_ID anyway, and int() refuses over 4300 (ValueError: exit 70)
+        too_big = any(len(n) > len(str(MAX_ID)) or int(n) > MAX_ID for n in ids.groups())
         return f"{_quote(user)}: a uid or gid must be at most {MAX_ID}" if too_big else None
     if re.fullmatch(_USER_NAME, user):
         return None

@@ -673,7 +673,9 @@ def test_a_huge_value_makes_a_short_message(text: str) -> None:
 
 
 @pytest.mark.hostile("config")
-@pytest.mark.parametrize("user", ["4294967295:0", "0:4294967295", "99999999999999999999:1", "1:" + "9" * 400])
+@pytest.mark.parametrize(
+    "user", ["4294967295:0", "0:4294967295", "99999999999999999999:1", "1:" + "9" * 400, "1" * 5000 + ":1"]
+)
 def test_a_uid_or_gid_beyond_uid_t_is_a_config_error(user: str) -> None:
     """4294967295 is (uid_t)-1, "unchanged" to chown: render left files root's; bigger: OverflowError, exit 70."""
     for where in ("[output]\n", '[[secret]]\nname = "x"\nsource = "swarm:x"\n'):
@@ -696,6 +698,17 @@ def test_a_huge_uid_through_render_is_78_not_an_internal_error(tmpfs: Path) -> N
     assert result.returncode == ExitCode.CONFIG, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmpfs / "out").exists()
+
+
+@pytest.mark.hostile("config")
+def test_a_uid_of_5000_digits_through_check_is_78_not_an_internal_error(tmp_path: Path) -> None:
+    """int() refuses a string of over 4300 digits with ValueError: `check` said "internal error" (70)."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[output]\nuser = "{"1" * 5000}:1"\n[[secret]]\nname = "a"\nsource = "swarm:a"\n')
+    result = run_cli("check", "--config", str(config))
+    assert result.returncode == ExitCode.CONFIG, result.stderr
+    assert "Traceback" not in result.stderr and "internal error" not in result.stderr
+    assert "a uid or gid must be at most 4294967294" in result.stderr
 
 
 @pytest.mark.hostile("config")
