@@ -103,7 +103,8 @@ def problems(cfg: Config, status: Mapping[str, Any] | None, now: float, exists: 
 
 def read_regular(path: str) -> bytes:
     """A regular file's bytes; anything else planted there (a FIFO, a device) is refused, never waited on."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    # O_NOCTTY: a terminal planted there would become the controlling terminal of a session leader
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"{path} is not a regular file")
@@ -130,7 +131,7 @@ def health(config_path: str, out: TextIO) -> int:
         doc = json.loads(read_regular(f"{cfg.output.dir}/{STATUS_DIR}/{STATUS_FILE}"))
     except FileNotFoundError:
         pass  # a one-shot run keeps no status: the files are all there is to check
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to decode
         print(f"unhealthy: status file unreadable: {e}", file=out)
         return 1
     found = problems(cfg, doc, time.time(), os.path.exists)

@@ -555,6 +555,51 @@ def test_health_reads_a_bounded_part_of_a_huge_planted_status_file(
     assert "is over 1048576 bytes" in result.stdout, result.stdout
 
 
+@pytest.mark.hostile("filesystem")
+def test_health_answers_unhealthy_for_a_deeply_nested_planted_status_file(
+    tmpfs: Path, workdir: Path, app_user: UnixUser, prepopulated: Path
+) -> None:
+    """100,000 '[' (under the size bound): json.loads raised RecursionError, and health a traceback."""
+    cfg, _ = file_config(workdir, prepopulated, app_user)
+    (prepopulated / ".secret-init" / "status.json").write_text("[" * 100_000)
+    result = run_cli("health", "--config", str(cfg), timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.startswith("unhealthy: status file unreadable: ") and result.stdout.count("\n") == 1
+
+
+NO_CTTY_AFTER_READ = r"""
+import errno, os, sys
+from secret_init import status
+os.setsid()  # a session leader without a terminal: opening one without O_NOCTTY makes it ours
+try:
+    status.read_regular(sys.argv[1])
+except OSError:
+    pass
+try:
+    os.close(os.open("/dev/tty", os.O_RDWR))
+except OSError as e:
+    print("no controlling terminal" if e.errno == errno.ENXIO else f"error {e.errno}")
+else:
+    print("acquired a controlling terminal")
+"""
+
+
+@pytest.mark.hostile("filesystem")
+def test_reading_a_planted_terminal_does_not_make_it_the_controlling_terminal() -> None:
+    """read_regular refuses a terminal after opening it; the open alone, without O_NOCTTY, took it over."""
+    leader, follower = os.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", NO_CTTY_AFTER_READ, os.ttyname(follower)],
+            cwd=REPO, capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+    finally:
+        os.close(follower)
+        os.close(leader)
+    assert result.stdout == "no controlling terminal\n", result.stdout + result.stderr
+
+
 @pytest.mark.hostile("app-user")
 def test_the_app_tampering_with_its_own_file_gets_it_back_at_the_next_write(
     tmpfs: Path, workdir: Path, app_user: UnixUser
