@@ -76,6 +76,9 @@ _LAST_TRY = 1.0
 
 PROBE_INCREMENT = 10**9  # seconds; Vault caps it at the max TTL, which is what we want to know
 MAX_NESTING = 32  # JSON levels in a secret's data; deeper would strain the recursive encoders that render it
+MAX_LEASE_ID = 512  # Vault's are a path and a 24-character id
+MAX_WARNINGS = 10  # a read's warnings that are logged, each cut to MAX_WARNING_CHARS
+MAX_WARNING_CHARS = 200
 MAX_DURATION = PROBE_INCREMENT  # a longer TTL is not an answer Vault gives (and overflows timers)
 
 
@@ -568,17 +571,31 @@ def parse_response(path: str, response: Mapping[str, Any], now: float) -> VaultS
         raise MalformedAnswer("the response has no data object")
     data = _unwrap_kv2(data)
     _register_strings(data)
-    lease_id = response.get("lease_id") or ""
-    if not isinstance(lease_id, str):
-        raise MalformedAnswer(f"lease_id is a {_kind(lease_id)}, not a string")
+    lease_id = _lease_id(response.get("lease_id") or "")
     lease = None
     if lease_id:
         lease = Lease(
             lease_id, duration(response.get("lease_duration"), "lease_duration"),
             flag(response.get("renewable"), "renewable"), now,
         )  # fmt: skip
-    warnings = string_list(response.get("warnings"), "warnings")
-    return VaultSecret(path, data, lease, tuple(warnings))
+    warnings = string_list(response.get("warnings"), "warnings")[:MAX_WARNINGS]
+    return VaultSecret(path, data, lease, tuple(_loggable(w) for w in warnings))
+
+
+def _lease_id(value: Any) -> str:
+    """A lease id is logged, kept in status.json and sent back: short printable ASCII, as Vault's are."""
+    if not isinstance(value, str):
+        raise MalformedAnswer(f"lease_id is a {_kind(value)}, not a string")
+    if len(value) > MAX_LEASE_ID:
+        raise MalformedAnswer(f"lease_id is over {MAX_LEASE_ID} characters")
+    if not re.fullmatch(r"[\x20-\x7e]*", value):
+        raise MalformedAnswer("lease_id has characters outside printable ASCII")
+    return value
+
+
+def _loggable(warning: str) -> str:
+    """A warning as a log line may carry it: cut short, control and format characters made '?'."""
+    return "".join(c if c.isprintable() else "?" for c in warning[:MAX_WARNING_CHARS])
 
 
 def _unwrap_kv2(data: dict[str, Any]) -> dict[str, Any]:

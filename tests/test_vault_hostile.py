@@ -475,6 +475,10 @@ READS: dict[str, tuple[Respond, int, str]] = {
     "renewable string": (json_reply(lease(renewable="yes")), 65, "malformed answer"),
     "lease_id number": (json_reply(lease(lease_id=7)), 65, "malformed answer"),
     "warnings not a list": (json_reply({**kv2("v"), "warnings": 5}), 65, "malformed answer"),
+    "lease_id 513 characters": (json_reply(lease(lease_id="l/" + "a" * 511)), 65, "lease_id is over 512 characters"),
+    "lease_id with ESC": (json_reply(lease(lease_id="l/1\x1b[2J")), 65, "outside printable ASCII"),
+    "lease_id with a newline": (json_reply(lease(lease_id="l/1\nforged log line")), 65, "outside printable ASCII"),
+    "lease_id with U+202E": (json_reply(lease(lease_id="l/1\u202e")), 65, "outside printable ASCII"),
     "nested 200 deep": (json_reply(b'{"data": {"k": ' + b"[" * 200 + b"]" * 200 + b"}}"), 65, "malformed answer"),
     "nested 100000 deep": (
         json_reply(b'{"data": {"k": ' + b"[" * 100000 + b"]" * 100000 + b"}}"),
@@ -502,6 +506,22 @@ def test_a_malformed_read_answer_is_a_clear_error(
     error = one_error_line(run)
     assert text in error
     assert "HTTP 404" not in error or code == 66  # a body of null was reported as a 404
+
+
+@hostile
+def test_warnings_are_logged_few_short_and_printable(
+    fakes: Callable[..., FakeVault], tmpfs: Path, workdir: Path
+) -> None:
+    """A read's warnings went to the log whole: 50 of 10,000 characters each, escapes and newlines in them."""
+    value = random_secret("v")
+    warnings = [f"w{i}\x1b[2J\u202e\n" + "x" * 10_000 for i in range(50)]
+    run = render(workdir, tmpfs / "out", fakes(json_reply({**kv2(value), "warnings": warnings})).addr)
+    assert run.code == 0, run.stderr
+    assert (run.out / "k").read_text() == value
+    logged = [str(e["warning"]) for e in log_events(run.stderr) if e["event"] == "vault warning"]
+    assert len(logged) == 10
+    assert all(len(w) <= 200 and w.isprintable() for w in logged), logged
+    assert logged[0].startswith("w0?[2J??xxx")
 
 
 @hostile
