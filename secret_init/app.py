@@ -4,7 +4,7 @@ from collections.abc import Mapping
 
 import structlog
 
-from secret_init import execute, privileges
+from secret_init import execute, interrupt, privileges
 from secret_init.config import Config
 from secret_init.materialize import materialize, revoked_on_failure
 
@@ -12,19 +12,23 @@ from secret_init.materialize import materialize, revoked_on_failure
 def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> int:
     """Materialize, then exec the app as its user; or, with leases or `supervise`, supervise it."""
     done = materialize(cfg, environ, for_app=True, keep_client=True)
-    with revoked_on_failure(done):  # until the loop owns the leases
+    with revoked_on_failure(done):  # until the loop owns the leases, or the app is exec'd
         file_vars = {s.env: cfg.file_path(s) for s in cfg.secrets if s.env}
         user_env = done.user.environment() if privileges.is_root() else {}
         values = [m.value.reveal() for m in done.materials]
         env = execute.child_environment(environ, cfg.process.scrub_env, user_env, file_vars, values)
+        interrupt.checkpoint()
         if cfg.process.supervise or done.leased:
             from secret_init.loop import Supervised
 
             supervised = Supervised(cfg, done, command, env)
+        else:
+            if done.client is not None:
+                done.client.revoke_own_token()
+            interrupt.restore_defaults()  # from here a stop ends us as it would end the app
+            interrupt.checkpoint()
     if cfg.process.supervise or done.leased:
         return supervised.run()
-    if done.client is not None:
-        done.client.revoke_own_token()
     privileges.drop(done.user)
     execute.exec_app(command, env)
 

@@ -116,6 +116,7 @@ def build_parser() -> "argparse.ArgumentParser":
 
 
 def _main(argv: "Sequence[str] | None") -> int:
+    from secret_init import interrupt
     from secret_init.errors import ExitCode, SecretInitError
 
     args = build_parser().parse_args(argv)
@@ -134,7 +135,7 @@ def _main(argv: "Sequence[str] | None") -> int:
     except SecretInitError as e:
         log.error(str(e), exit_code=int(e.exit_code))
         return int(e.exit_code)
-    except StartInterrupted as e:
+    except interrupt.StartInterrupted as e:
         code = 128 + e.signum
         log.error(f"start interrupted by signal {e.signum}; what it made was revoked", exit_code=code)
         return code
@@ -156,7 +157,7 @@ def _config_path(args: "argparse.Namespace") -> str:
 def _dispatch(args: "argparse.Namespace") -> int:
     import structlog
 
-    from secret_init import config, privileges
+    from secret_init import config, interrupt, privileges
     from secret_init.errors import UsageError
 
     command = list(getattr(args, "argv", []) or [])
@@ -166,7 +167,7 @@ def _dispatch(args: "argparse.Namespace") -> int:
         raise UsageError("run needs a command: secret-init run [--config PATH] -- CMD [ARG...]")
 
     privileges.protect_process()
-    abort_start_on_stop_signals()
+    interrupt.install()
     path = _config_path(args)
     cfg = config.load(path, os.environ)
     log = structlog.get_logger()
@@ -188,29 +189,3 @@ def _dispatch(args: "argparse.Namespace") -> int:
         app.render(cfg, os.environ)
         return 0
     return app.run(cfg, command, os.environ)
-
-
-class StartInterrupted(BaseException):
-    """SIGTERM or SIGINT before the app runs: a BaseException, so that no `except Exception` on
-    the way (retries, error mapping) swallows it, and every cleanup on the way revokes what it made."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-def abort_start_on_stop_signals() -> None:
-    """In the main thread, until the supervisor installs its handlers or the app is exec'd.
-
-    The first SIGTERM or SIGINT raises StartInterrupted; later ones are ignored, so that the
-    cleanup it sets off (revoking leases and the token) runs to its end.
-    """
-    import signal
-
-    def interrupt(signum: int, _frame: object) -> None:
-        for stop in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(stop, signal.SIG_IGN)  # this process exits now, it never execs the app
-        raise StartInterrupted(signum)
-
-    for stop in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(stop, interrupt)

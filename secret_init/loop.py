@@ -20,7 +20,7 @@ from queue import Empty, SimpleQueue
 
 import structlog
 
-from secret_init import privileges, status
+from secret_init import interrupt, privileges, status
 from secret_init.config import Config
 from secret_init.errors import ExitCode, SecretInitError
 from secret_init.materialize import Materialized, materialize, output_files, revoked_on_failure
@@ -83,6 +83,7 @@ class Supervised:
     def run(self) -> int:
         try:
             self.supervisor.install()  # inside: a stop signal until then ends the start, and finish() revokes
+            interrupt.checkpoint()  # one that arrived before our handlers took over
             privileges.set_no_new_privs()  # inherited by the app
             self.begin()
             while self._running():

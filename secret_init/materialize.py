@@ -4,13 +4,13 @@ Shared by the one-shot flow (app.py), the resident loop (loop.py) and `check`.
 """
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, NamedTuple
 
 import structlog
 
-from secret_init import privileges
+from secret_init import interrupt, privileges
 from secret_init.config import Config, SecretSpec
 from secret_init.errors import PermissionRefusedError
 from secret_init.model import Material
@@ -77,24 +77,28 @@ def revoked_on_failure(done: Materialized) -> Iterator[None]:
         yield
     except BaseException:
         if done.client is not None:
-            for lease_id in sorted({m.lease.lease_id for m in done.materials if m.lease}):
-                done.client.revoke_lease_quietly(lease_id)
-            done.client.revoke_own_token()
+            revoke_all(done.client, [m.lease.lease_id for m in done.materials if m.lease])
         raise
 
 
 def discard(vault: VaultSource) -> None:
     """Revoke what a failed start made: every lease issued, and a token we logged in for."""
     if vault.client is not None:
-        for lease_id in sorted(set(vault.issued)):
-            vault.client.revoke_lease_quietly(lease_id)
-        vault.client.revoke_own_token()
+        revoke_all(vault.client, vault.issued)
+
+
+def revoke_all(client: "VaultClient", lease_ids: Iterable[str]) -> None:
+    """Each lease (best effort, once), then the token if we logged in for it. Stop signals
+    during a start only note themselves (secret_init.interrupt), so nothing cuts this short."""
+    for lease_id in sorted(set(lease_ids)):
+        client.revoke_lease_quietly(lease_id)
+    client.revoke_own_token()
 
 
 def vault_login(cfg: Config, environ: Mapping[str, str]) -> "VaultClient":
     from secret_init.vault import VaultClient
 
-    client = VaultClient(cfg.vault, environ)
+    client = VaultClient(cfg.vault, environ, sleep=interrupt.sleep)  # a stop ends a retry wait
     client.login()
     return client
 

@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
@@ -22,6 +22,7 @@ from tests.conftest import (
     REPO,
     Bao,
     Database,
+    QuietHandler,
     UnixUser,
     app_command,
     assert_no_leak,
@@ -30,6 +31,9 @@ from tests.conftest import (
     log_events,
     needs_root,
     random_secret,
+    record_output,
+    serve_http,
+    stop_http,
     write_config,
 )
 from tests.figures import record_cases, record_figure
@@ -742,3 +746,78 @@ def test_a_storm_while_the_app_exits_keeps_its_exit_code(
     record_figure("signal storms", f"while the app exits (run {attempt + 1})", signals=counts, code=code)
     assert sum(counts.values()) > 100
     assert code == 3, (code, counts)
+
+
+# -- a stop signal while a Vault answer is on its way, and during the clean-up ---------------
+
+
+class SlowIssuer(QuietHandler):
+    """A FAKE Vault (labelled: a real one cannot be made to hold an answer it has already acted
+    on): each read issues a lease at once, then answers 1.5 s later; each revoke takes 0.5 s."""
+
+    issued: ClassVar[list[str]]
+    revoked: ClassVar[list[str]]
+
+    def do_GET(self) -> None:
+        lease_id = f"{self.path.removeprefix('/v1/')}/{secrets.token_hex(6)}"
+        self.issued.append(lease_id)  # the database user exists from here on
+        time.sleep(1.5)
+        self._answer(200, {"lease_id": lease_id, "lease_duration": 60, "renewable": True,
+                           "data": {"username": random_secret("user"), "password": random_secret("pw")}})  # fmt: skip
+
+    def do_PUT(self) -> None:
+        body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        time.sleep(0.5)
+        if self.path.startswith("/v1/sys/leases/revoke"):
+            self.revoked.append(json.loads(body)["lease_id"])
+        self._answer(204, None)
+
+    do_POST = do_PUT
+
+    def _answer(self, status: int, doc: Any) -> None:
+        body = b"" if doc is None else json.dumps(doc).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+@pytest.mark.hostile("signals")
+def test_a_stop_while_an_answer_is_in_flight_and_during_the_clean_up_revokes_every_lease(
+    tmpfs: Path, workdir: Path, app_user: UnixUser
+) -> None:
+    """Was: the SIGTERM raised out of the read, so its answer (and lease) was lost; a second
+    SIGTERM during the revokes stopped them. Now a stop waits for the answer in flight, and
+    the clean-up runs to its end: both paths' leases are revoked, exit 143, one line."""
+
+    class Issuer(SlowIssuer):
+        issued: ClassVar[list[str]] = []
+        revoked: ClassVar[list[str]] = []
+
+    handler = Issuer
+    server, addr = serve_http(handler)
+    try:
+        cfg = write_config(
+            workdir,
+            f'[output]\ndir = "{tmpfs}/out"\nuser = "{app_user.name}"\n[vault]\naddr = "{addr}"\n'
+            '[[secret]]\nname = "a"\nsource = "vault:database/creds/a#password"\n'
+            '[[secret]]\nname = "b"\nsource = "vault:database/creds/b#password"\n',
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "secret_init", "run", "--config", str(cfg), "--", "true"],
+            env=base_env(VAULT_TOKEN=random_secret("tok")), cwd=REPO, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(2.0)  # the first answer is in, the second read is in flight
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # the second answer is in: the clean-up is revoking
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        stop_http(server)
+    record_output(stderr, "secret-init stderr")
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    errors = [e for e in log_events(stderr) if e["level"] == "error"]
+    assert len(errors) == 1 and "start interrupted by signal 15" in errors[0]["event"], stderr
+    assert len(handler.issued) == 2, "the second read was in flight when the stop came"
+    assert sorted(handler.revoked) == sorted(handler.issued)

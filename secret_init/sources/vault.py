@@ -10,8 +10,9 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from secret_init import interrupt
 from secret_init.config import SecretSpec
-from secret_init.errors import DataError, MissingFieldError, SecretInitError
+from secret_init.errors import DataError, MissingFieldError, SecretInitError, VaultUnavailableError
 from secret_init.model import Hidden, Material
 from secret_init.redaction import REDACTOR
 from secret_init.sources import Reading
@@ -39,17 +40,22 @@ class VaultSource:
         except SecretInitError as e:
             reading.failures.append((specs[0], e))
             return reading
+        interrupt.checkpoint()  # a stop that came during the login: the token is ours to revoke now
         groups: dict[str, list[SecretSpec]] = {}
         for spec in specs:
             groups.setdefault(spec.source.path, []).append(spec)
         for path, group in groups.items():
             try:
                 secret = self.client.read(path, f"for {', '.join(s.name for s in group)}", self.max_size)
+            except VaultUnavailableError as e:
+                reading.failures.append((group[0], e))
+                break  # the next paths would each wait out the same outage
             except SecretInitError as e:
                 reading.failures.append((group[0], e))
                 continue
             if secret.lease is not None:
                 self.issued.append(secret.lease.lease_id)
+            interrupt.checkpoint()  # between reads: what this one issued is known, so it is revoked
             try:
                 reading.materials.extend(self._render_group(secret, group))
             except SecretInitError as e:
