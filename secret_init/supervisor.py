@@ -320,7 +320,7 @@ PIDFILE_MAX = 32  # bytes: a pid is at most 7 digits, plus whitespace
 
 def read_pidfile(path: str) -> int:
     """The pid in `path`: a regular file, opened without blocking or following a link, digits only."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_NOCTTY | os.O_CLOEXEC)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise ValueError("not a regular file")
