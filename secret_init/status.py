@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any, NamedTuple, TextIO
 
-from secret_init.config import Config, load
+from secret_init.config import Config, load, unprintable
 from secret_init.errors import SecretInitError
 
 STATUS_DIR = ".secret-init"  # inside output.dir
@@ -101,6 +101,23 @@ def problems(cfg: Config, status: Mapping[str, Any] | None, now: float, exists: 
     return found
 
 
+def well_formed(doc: Any) -> dict[str, Any]:
+    """The status as build() writes it; the file sits in the app's volume, so it may be anything (ValueError)."""
+    if not isinstance(doc, dict):
+        raise ValueError("not the shape secret-init writes")
+    secrets = doc.get("secrets", [])
+    if not isinstance(secrets, list) or not all(isinstance(e, dict) for e in secrets):
+        raise ValueError("not the shape secret-init writes")
+    for entry in secrets:
+        for key in ("name", "lease_id", "rotate_at", "deadline"):
+            value = entry.get(key)
+            if value is not None and not (isinstance(value, str) and unprintable(value) is None and len(value) <= 4096):
+                raise ValueError(f"{key} of an entry is not a printable string")
+        for key in ("rotate_at", "deadline"):
+            parse_iso(entry.get(key))  # ValueError if not ISO 8601
+    return doc
+
+
 def read_regular(path: str) -> bytes:
     """A regular file's bytes; anything else planted there (a FIFO, a device) is refused, never waited on."""
     # O_NOCTTY: a terminal planted there would become the controlling terminal of a session leader
@@ -128,7 +145,7 @@ def health(config_path: str, out: TextIO) -> int:
         return 1
     doc = None
     try:
-        doc = json.loads(read_regular(f"{cfg.output.dir}/{STATUS_DIR}/{STATUS_FILE}"))
+        doc = well_formed(json.loads(read_regular(f"{cfg.output.dir}/{STATUS_DIR}/{STATUS_FILE}")))
     except FileNotFoundError:
         pass  # a one-shot run keeps no status: the files are all there is to check
     except (OSError, ValueError, RecursionError) as e:  # RecursionError: JSON nested too deep to decode

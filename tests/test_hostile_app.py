@@ -568,6 +568,30 @@ def test_health_answers_unhealthy_for_a_deeply_nested_planted_status_file(
     assert result.stdout.startswith("unhealthy: status file unreadable: ") and result.stdout.count("\n") == 1
 
 
+@pytest.mark.hostile("filesystem")
+@pytest.mark.parametrize(
+    "planted",
+    [
+        [],
+        {"secrets": 5},
+        {"secrets": [1]},
+        {"secrets": [{"deadline": 5}]},
+        {"secrets": [{"deadline": "not a time"}]},
+        {"secrets": [{"name": "a\nhealthy", "deadline": "2000-01-01T00:00:00Z"}]},
+    ],
+)
+def test_health_answers_unhealthy_for_a_status_file_of_another_shape(
+    planted: Any, tmpfs: Path, workdir: Path, app_user: UnixUser, prepopulated: Path
+) -> None:
+    """JSON that is not what secret-init writes: AttributeError, TypeError or ValueError was a traceback."""
+    cfg, _ = file_config(workdir, prepopulated, app_user)
+    (prepopulated / ".secret-init" / "status.json").write_text(json.dumps(planted))
+    result = run_cli("health", "--config", str(cfg), timeout=30)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stdout.startswith("unhealthy: status file unreadable: ") and result.stdout.count("\n") == 1
+
+
 NO_CTTY_AFTER_READ = r"""
 import errno, os, sys
 from secret_init import status
