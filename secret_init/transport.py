@@ -6,6 +6,8 @@
 - Every request, redirects included, ends within its budget: a timer shuts down the socket
   in use when the budget runs out, because the read timeout bounds each recv, not the
   request, and a server sending a byte a second would hold the start (and the client lock).
+  Before a socket exists, the budget is the connect timeout (per address); a DNS lookup is
+  not bounded by it.
 - An answer is read up to a byte cap before anything parses it; a Content-Length over the
   cap is refused without reading.
 
