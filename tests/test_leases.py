@@ -87,24 +87,16 @@ def db_app(workdir: Path) -> list[str]:
     return app_command(workdir, "db_app", DB_APP)
 
 
-class Run:
-    """secret-init supervising the probing app; collects the app's lines and the logs as they come."""
+class JsonLines:
+    """A running secret-init: the app's JSON lines (its stdout) and the log (its stderr), read as they come."""
 
-    def __init__(self, cfg: Path, app: list[str] | None, port: int = 0, import_report: Path | None = None) -> None:
-        """With `app` None this is `secret-init sidecar`; `import_report` records imports after the app starts."""
-        self.cfg = cfg
-        command = ["run", "--config", str(cfg), "--", *app, str(port)] if app else ["sidecar", "--config", str(cfg)]
-        launcher = ["-c", IMPORTS_AFTER_THE_APP_STARTS, str(import_report)] if import_report else ["-m", "secret_init"]
-        # Unbuffered binary pipes: select() then sees every line, none hides in a buffer.
-        self.proc = subprocess.Popen(
-            [sys.executable, *launcher, *command],
-            env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
-        )  # fmt: skip
+    def __init__(self, proc: "subprocess.Popen[bytes]") -> None:
+        self.proc = proc
         self.lines: list[dict[str, Any]] = []  # the app's
         self.logs: list[dict[str, Any]] = []  # secret-init's
         self.stdout = self.stderr = ""
 
-    def until(self, done: Callable[["Run"], bool], timeout: float) -> None:
+    def until(self, done: Callable[[Any], bool], timeout: float) -> None:
         assert self.proc.stdout is not None and self.proc.stderr is not None
         deadline = time.monotonic() + timeout
         while not done(self):
@@ -114,12 +106,15 @@ class Run:
             for stream in ready:
                 line = stream.readline().decode()
                 assert line, f"secret-init ended early: {self.finish()} {self.stderr[-2000:]}"
-                if stream is self.proc.stdout:
-                    self.stdout += line
-                    self.lines.append(json.loads(line))
-                else:
-                    self.stderr += line
-                    self.logs.append(json.loads(line))
+                self.take(stream is self.proc.stdout, line)
+
+    def take(self, from_app: bool, line: str) -> None:
+        if from_app:
+            self.stdout += line
+            self.lines.append(json.loads(line))
+        else:
+            self.stderr += line
+            self.logs.append(json.loads(line))
 
     def finish(self, timeout: float = 30) -> int:
         if self.proc.poll() is None:
@@ -138,6 +133,22 @@ class Run:
 
     def logged(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.logs if e["event"] == name]
+
+
+class Run(JsonLines):
+    """secret-init supervising the probing app; collects the app's lines and the logs as they come."""
+
+    def __init__(self, cfg: Path, app: list[str] | None, port: int = 0, import_report: Path | None = None) -> None:
+        """With `app` None this is `secret-init sidecar`; `import_report` records imports after the app starts."""
+        self.cfg = cfg
+        command = ["run", "--config", str(cfg), "--", *app, str(port)] if app else ["sidecar", "--config", str(cfg)]
+        launcher = ["-c", IMPORTS_AFTER_THE_APP_STARTS, str(import_report)] if import_report else ["-m", "secret_init"]
+        # Unbuffered binary pipes: select() then sees every line, none hides in a buffer.
+        proc = subprocess.Popen(
+            [sys.executable, *launcher, *command],
+            env=base_env(), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+        )  # fmt: skip
+        super().__init__(proc)
 
 
 def starts(n: int) -> Callable[[Run], bool]:

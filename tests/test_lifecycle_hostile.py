@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -37,6 +37,7 @@ from tests.conftest import (
     write_config,
 )
 from tests.figures import record_cases, record_figure
+from tests.test_leases import JsonLines
 
 pytestmark = needs_root
 
@@ -279,25 +280,8 @@ while True:
 """
 
 
-class Lines:
-    """secret-init's stdout (the app's JSON lines) and stderr (its log), read as they come."""
-
-    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
-        self.proc = proc
-        self.app: list[dict[str, Any]] = []
-        self.logs: list[dict[str, Any]] = []
-
-    def until(self, done: Callable[["Lines"], bool], timeout: float) -> None:
-        assert self.proc.stdout is not None and self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        while not done(self):
-            left = deadline - time.monotonic()
-            assert left > 0, f"timed out; app {self.app[-3:]}; logs {self.logs[-5:]}"
-            ready, _, _ = select.select([self.proc.stdout, self.proc.stderr], [], [], left)
-            for stream in ready:
-                line = stream.readline().decode()
-                assert line, f"secret-init ended early (code {self.proc.wait()}); logs {self.logs[-5:]}"
-                (self.app if stream is self.proc.stdout else self.logs).append(json.loads(line))
+class Lines(JsonLines):
+    """secret-init as the test started it; `drain` reads on while nothing is awaited."""
 
     def drain(self, seconds: float) -> None:
         """Read whatever comes for `seconds`: a full pipe would block secret-init's logging."""
@@ -309,18 +293,7 @@ class Lines:
                 line = stream.readline().decode()
                 if not line:
                     return
-                (self.app if stream is self.proc.stdout else self.logs).append(json.loads(line))
-
-    def logged(self, event: str) -> list[dict[str, Any]]:
-        return [e for e in self.logs if e["event"] == event]
-
-    def finish(self, timeout: float = 30) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        out, err = self.proc.communicate(timeout=timeout)
-        self.app += [json.loads(line) for line in out.decode().splitlines() if line.startswith("{")]
-        self.logs += log_events(err.decode())
-        return self.proc.returncode
+                self.take(stream is self.proc.stdout, line)
 
 
 def kv_config(bao: Bao, tmpfs: Path, workdir: Path, app_user: UnixUser, key: str, process: str) -> Path:
@@ -356,15 +329,15 @@ def test_a_declined_sigint_does_not_end_rotation(bao: Bao, tmpfs: Path, workdir:
     )  # fmt: skip
     run = Lines(proc)
     try:
-        run.until(lambda r: len(r.app) == 1, 20)
-        assert run.app[0]["sha256"] == sha(first)
+        run.until(lambda r: len(r.lines) == 1, 20)
+        assert run.lines[0]["sha256"] == sha(first)
         proc.send_signal(signal.SIGINT)
         sent = time.monotonic()
         run.until(lambda r: bool(r.logged("signal forwarded")), 10)
         bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{key}", secret={"k": second})
-        run.until(lambda r: len(r.app) == 2, 20)
+        run.until(lambda r: len(r.lines) == 2, 20)
         restarted_after = time.monotonic() - sent
-        assert run.app[1]["sha256"] == sha(second), "the restarted app reads the new value"
+        assert run.lines[1]["sha256"] == sha(second), "the restarted app reads the new value"
         assert restarted_after >= 2, "nothing was restarted during the grace"
     finally:
         code = run.finish()
@@ -373,7 +346,7 @@ def test_a_declined_sigint_does_not_end_rotation(bao: Bao, tmpfs: Path, workdir:
     assert len(declined) == 1, "logged once"
     events = [e["event"] for e in run.logs]
     assert events.index(declined[0]["event"]) < events.index("app restarted"), "deferred until the grace ended"
-    assert_no_leak(json.dumps(run.logs) + json.dumps(run.app), first, second)
+    assert_no_leak(json.dumps(run.logs) + json.dumps(run.lines), first, second)
 
 
 IGNORES_SIGINT_APP = r"""
@@ -410,11 +383,11 @@ def test_a_lease_rotates_after_a_declined_sigint(
     )  # fmt: skip
     run = Lines(proc)
     try:
-        run.until(lambda r: len(r.app) == 1, 20)
+        run.until(lambda r: len(r.lines) == 1, 20)
         first = database.leases(creds)
         proc.send_signal(signal.SIGINT)
-        run.until(lambda r: len(r.app) == 2, 20)
-        assert run.app[1]["user"] != run.app[0]["user"], "restarted with new credentials"
+        run.until(lambda r: len(r.lines) == 2, 20)
+        assert run.lines[1]["user"] != run.lines[0]["user"], "restarted with new credentials"
         run.until(lambda r: bool(r.logged("lease revoked")), 10)
         assert not set(first) & set(database.leases(creds)), "the old lease is revoked"
     finally:
@@ -686,7 +659,7 @@ def test_signal_storms_during_restart_rotations(
     run = Lines(proc)
     counts: dict[str, int] = {}
     try:
-        run.until(lambda r: len(r.app) == 1, 20)
+        run.until(lambda r: len(r.lines) == 1, 20)
         storm(run, 9, counts)
         for _ in range(200):
             os.kill(proc.pid, signal.SIGTERM)
