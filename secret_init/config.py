@@ -39,6 +39,22 @@ SHARED_DIRS = frozenset(
 
 # Prefixes removed from the child's environment: they hold Vault and secret-init settings.
 SCRUBBED_ENV_PREFIXES = ("VAULT_", "BAO_", "SECRET_INIT_")
+AUTH_METHODS = ("token", "approle", "jwt", "kubernetes", "cert")
+SERVICE_ACCOUNT_JWT = "/var/run/secrets/kubernetes.io/serviceaccount/token"  # the kubelet mounts the pod's token here
+JWT_DEFAULT = f"for `kubernetes`: `{SERVICE_ACCOUNT_JWT}`"
+CERT_DEFAULT = "`$VAULT_CLIENT_CERT`, then `$BAO_CLIENT_CERT`"
+KEY_DEFAULT = "`$VAULT_CLIENT_KEY`, then `$BAO_CLIENT_KEY`"
+# The [vault] keys that belong to one or some auth methods; any other method refuses them.
+_AUTH_KEYS = {
+    "token_file": ("token",),
+    "role_id_file": ("approle",),
+    "secret_id_file": ("approle",),
+    "secret_id_wrapped": ("approle",),
+    "approle_mount": ("approle",),
+    "auth_mount": ("approle", "jwt", "kubernetes", "cert"),
+    "role": ("jwt", "kubernetes", "cert"),
+    "jwt_file": ("jwt", "kubernetes"),
+}
 
 # Patterns, not compiled ones: re compiles (and caches) each on first use, so a start
 # that never needs one never pays for it.
@@ -299,19 +315,32 @@ def _env_patterns(value: object) -> tuple[str, ...]:
     return _reject(f"{_quote(bad[0])} is not a variable name (or PREFIX*)") if bad else tuple(value)
 
 
-def _choice(a: str, b: str) -> _Type:
+def _choice(*choices: str) -> _Type:
+    shown = [f'"{c}"' for c in choices]
+    spoken = f"{', '.join(shown[:-1])} or {shown[-1]}"
+
     def parse(value: object) -> str | None:
-        if _str(value) and value not in (a, b):
-            _reject(f'must be "{a}" or "{b}", not {_quote(value)}')
+        if _str(value) and value not in choices:
+            _reject(f"must be {spoken}, not {_quote(value)}")
         return _str(value) or None
 
-    return _Type(f'`"{a}"` or `"{b}"`', parse)
+    return _Type(", ".join(f"`{c}`" for c in shown[:-1]) + f" or `{shown[-1]}`", parse)
 
 
 def _template(value: object) -> "Template":
     from secret_init.template import parse_template
 
     return parse_template(_str(value))
+
+
+def _mount(value: str) -> str:
+    """A mount path as Vault names it: segments of a URL path, no '..' or '.' that could climb out of auth/."""
+    mount = value.strip("/")
+    if not mount or any(part in ("", ".", "..") for part in mount.split("/")):
+        _reject(f'must be a path such as "approle" or "team/jwt", not {_quote(value)}')
+    if re.search(r"[?#%\\\s]", mount):
+        _reject("must not hold '?', '#', '%', a backslash or white space")
+    return mount
 
 
 def _show_duration(seconds: object) -> str:
@@ -326,6 +355,7 @@ def _show_signal(number: object) -> str:
 
 
 _TEXT = _Type("string", lambda v: _text(v) or None)
+_MOUNT = _Type("mount path", lambda v: _mount(_text(v)))
 _STRING = _Type("string", _text)
 _PATH = _Type("absolute path", lambda v: _valid(validate_path, v))
 _DIR = _Type("absolute path", lambda v: _PATH.parse(v) if _str(v) else None)
@@ -365,11 +395,19 @@ class OutputConfig(NamedTuple):
 
 class VaultConfig(NamedTuple):
     addr: Annotated[str | None, _URL, "Vault's or OpenBao's URL.", "`$VAULT_ADDR`, then `$BAO_ADDR`"] = None
-    auth: Annotated[str, _choice("token", "approle"), "How secret-init logs in."] = "token"
+    auth: Annotated[str, _choice(*AUTH_METHODS), "How secret-init logs in."] = "token"
+    auth_mount: Annotated[str | None, _MOUNT, "Where the auth method is mounted.", "the method's name"] = None
     token_file: Annotated[str | None, _PATH, 'For `auth = "token"`: a file holding the token.'] = None
     role_id_file: Annotated[str | None, _PATH, 'For `auth = "approle"`, required: a file with the role_id.'] = None
     secret_id_file: Annotated[str | None, _PATH, 'For `auth = "approle"`: a file with the secret_id.'] = None
-    approle_mount: Annotated[str, _TEXT, "Where the AppRole auth method is mounted."] = "approle"
+    secret_id_wrapped: Annotated[bool, _BOOL, "For `approle`: `secret_id_file` holds a wrapping token."] = False
+    approle_mount: Annotated[str | None, _MOUNT, "An alias of `auth_mount` for `approle`.", "none"] = None
+    role: Annotated[str | None, _TEXT, "For `jwt`, `kubernetes` (required) and `cert`: the role."] = None
+    jwt_file: Annotated[str | None, _PATH, "For `jwt` (required), `kubernetes`: a file with the JWT.", JWT_DEFAULT] = (
+        None
+    )
+    client_cert: Annotated[str | None, _PATH, "A PEM client certificate (mTLS; `cert` needs it).", CERT_DEFAULT] = None
+    client_key: Annotated[str | None, _PATH, "The PEM key of `client_cert`.", KEY_DEFAULT] = None
     ca_cert: Annotated[str | None, _PATH, "A PEM CA bundle for Vault.", "`$VAULT_CACERT`, then `$BAO_CACERT`"] = None
     namespace: Annotated[str | None, _STRING, "A Vault namespace; empty means none.", "`$VAULT_NAMESPACE`"] = None
     startup_timeout: Annotated[float, _DURATION, "How long to retry while Vault is unavailable, then exit 69."] = 30.0
@@ -571,9 +609,7 @@ def _parse(data: dict[str, object], path: str, environ: Mapping[str, str]) -> Co
     if output.dir in SHARED_DIRS:
         reason = f"is a shared system directory; use a dedicated one such as {DEFAULT_OUTPUT_DIR}"
         _fail("[output]", "dir", f"{output.dir} {reason}")
-    vault = _read(VaultConfig, data.get("vault"), "[vault]")
-    if vault.auth == "approle" and vault.role_id_file is None:
-        _fail("[vault]", "role_id_file", 'is required when auth = "approle"')
+    vault = _auth_keys(_read(VaultConfig, data.get("vault"), "[vault]"))
     if vault.request_timeout <= 0:
         _fail("[vault]", "request_timeout", "must be more than zero")
     if vault.refresh_interval < 1:
@@ -641,12 +677,64 @@ def _vault_from_env(vault: VaultConfig, environ: Mapping[str, str], used: bool) 
     namespace = environ.get("VAULT_NAMESPACE") if vault.namespace is None else vault.namespace  # "" in the file wins
     if used and namespace and (reason := unprintable(namespace)):
         _fail("[vault]", "namespace", f"(from $VAULT_NAMESPACE) {reason}")
-    return vault._replace(
+    vault = vault._replace(
         addr=addr.rstrip("/") if addr else None,
-        approle_mount=vault.approle_mount.strip("/"),
         ca_cert=vault.ca_cert or environ.get("VAULT_CACERT") or environ.get("BAO_CACERT"),
         namespace=namespace or None,
-    ), tuple(notes)
+        client_cert=vault.client_cert or _env_path(environ, "CLIENT_CERT", used, notes),
+        client_key=vault.client_key or _env_path(environ, "CLIENT_KEY", used, notes),
+    )
+    _check_client_cert(vault)
+    return vault, tuple(notes)
+
+
+def _auth_keys(vault: VaultConfig) -> VaultConfig:
+    """Each auth key only with its method, each method's required keys, and the defaults that depend on it."""
+    method = vault.auth
+    for key, methods in _AUTH_KEYS.items():
+        if getattr(vault, key) not in (None, False) and method not in methods:
+            _fail("[vault]", key, f'is not used with auth = "{method}"; it is for {_spoken(methods)}')
+    required = {"approle": ("role_id_file",), "jwt": ("role", "jwt_file"), "kubernetes": ("role",)}
+    for key in required.get(method, ()):
+        if getattr(vault, key) is None:
+            _fail("[vault]", key, f'is required when auth = "{method}"')
+    if vault.secret_id_wrapped and vault.secret_id_file is None:
+        _fail("[vault]", "secret_id_file", "is required when secret_id_wrapped = true: it holds the wrapping token")
+    if vault.approle_mount and vault.auth_mount and vault.approle_mount != vault.auth_mount:
+        _fail("[vault]", "approle_mount", "differs from auth_mount; it is an alias of auth_mount: set only auth_mount")
+    return vault._replace(
+        auth_mount=vault.auth_mount or vault.approle_mount or (None if method == "token" else method),
+        jwt_file=vault.jwt_file or (SERVICE_ACCOUNT_JWT if method == "kubernetes" else None),
+    )
+
+
+def _spoken(words: tuple[str, ...]) -> str:
+    quoted = [f'"{w}"' for w in words]
+    return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
+
+
+def _env_path(environ: Mapping[str, str], suffix: str, used: bool, notes: list[str]) -> str | None:
+    """$VAULT_<suffix>, then $BAO_<suffix>: an absolute path, or (while no secret needs Vault) ignored."""
+    name = f"VAULT_{suffix}" if environ.get(f"VAULT_{suffix}") else f"BAO_{suffix}"
+    value = environ.get(name)
+    if not value:
+        return None
+    if problem := validate_path(value):
+        if used:
+            _fail("[vault]", suffix.lower(), f"(from ${name}) {problem}")
+        notes.append(f"${name} ignored: it is not an absolute path, and no secret has a vault: source")
+        return None
+    return value
+
+
+def _check_client_cert(vault: VaultConfig) -> None:
+    """A client certificate comes with its key, over https; auth = "cert" needs one."""
+    for key, other in (("client_cert", "client_key"), ("client_key", "client_cert")):
+        if getattr(vault, key) is None and (getattr(vault, other) is not None or vault.auth == "cert"):
+            why = 'auth = "cert"' if vault.auth == "cert" else f"{other} is set"
+            _fail("[vault]", key, f"is required when {why} (or ${'VAULT_' + key.upper()})")
+    if vault.auth == "cert" and vault.addr is not None and not vault.addr.startswith("https://"):
+        _fail("[vault]", "addr", 'must be https:// for auth = "cert": the certificate is presented in TLS')
 
 
 _R = TypeVar("_R", bound=NamedTuple)

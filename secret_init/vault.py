@@ -1,16 +1,19 @@
-"""The Vault/OpenBao client: hvac, token or AppRole auth, bounded retries with tenacity.
+"""The Vault/OpenBao client: hvac, the auth methods, bounded retries with tenacity.
 
 Imported only when a vault: source is configured, so a files-only start never pays
-for hvac and requests. Every token, role_id and secret_id is registered for redaction
-before it is used, and no error message built here quotes one.
+for hvac and requests. Every token, role_id, secret_id, JWT, wrapping token and client key
+is registered for redaction when it is read, and no error message built here quotes one.
 """
 
 import json
 import math
+import os
 import re
+import stat
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
@@ -67,6 +70,8 @@ _STATUS_OF = {
     hvac_errors.VaultDown: 503,
 }
 _MAX_CREDENTIAL_FILE = 64 * 1024
+_MAX_CERT_FILE = 1024 * 1024  # a certificate with its chain
+_METHOD_NAMES = {"approle": "AppRole", "jwt": "JWT", "kubernetes": "Kubernetes", "cert": "TLS certificate"}
 # The most bytes of an answer that is not a secret read (a login, a renewal, a lookup).
 SMALL_ANSWER = 1024 * 1024
 # A request started this close to the end of startup_timeout still gets this long; so do
@@ -165,6 +170,7 @@ class VaultClient:
         self._sleep = sleep
         self._deadline = clock() + cfg.startup_timeout
         self.owns_token = False  # True when this process logged in and so may revoke
+        self._unwrapped: str | None = None  # a wrapped secret_id, once unwrapped: memory is its only copy
         self._lock = threading.RLock()  # the renewer thread and the main loop share one session
         self.session = _session(cfg, environ, self._budget)
         # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token behind our back.
@@ -195,11 +201,26 @@ class VaultClient:
     # -- authentication ---------------------------------------------------------
 
     def login(self) -> None:
-        if self.cfg.auth == "approle":
-            self._login_approle()
-        else:
+        """Log in as `auth` says. Credential files are read again each time: a JWT or a certificate rotates."""
+        if self.cfg.client_cert:
+            self._load_client_cert()
+        if self.cfg.auth == "token":
             self.client.token = self._static_token()
             log.info("vault token loaded", addr=self.addr, auth="token")
+            return
+        mount = self.cfg.auth_mount
+        body = self._login_body()
+
+        def login() -> Any:
+            return self.client.adapter.post(f"/v1/auth/{mount}/login", json=body)
+
+        auth = self._call(f"{_METHOD_NAMES[self.cfg.auth]} login at auth/{mount}", login, login_answer, is_login=True)
+        with self._lock:
+            self.client.token = auth.token
+            self.owns_token = True
+        log.info(
+            "vault login", addr=self.addr, auth=self.cfg.auth, mount=mount, token_ttl=auth.ttl, renewable=auth.renewable
+        )
 
     def _static_token(self) -> str:
         if self.cfg.token_file:
@@ -211,29 +232,83 @@ class VaultClient:
             raise ConfigError('vault: auth = "token" needs [vault] token_file, VAULT_TOKEN or BAO_TOKEN')
         return token
 
-    def _login_approle(self) -> None:
-        assert self.cfg.role_id_file is not None  # enforced by config
-        role_id = self._credential_file(self.cfg.role_id_file, "role_id_file")
-        secret_id = (
-            self._credential_file(self.cfg.secret_id_file, "secret_id_file") if self.cfg.secret_id_file else None
-        )
-        mount = self.cfg.approle_mount
+    def _login_body(self) -> dict[str, str]:
+        cfg = self.cfg
+        if cfg.auth == "approle":
+            assert cfg.role_id_file is not None  # enforced by config
+            body = {"role_id": self._credential_file(cfg.role_id_file, "role_id_file")}
+            if secret_id := self._secret_id():
+                body["secret_id"] = secret_id
+            return body
+        if cfg.auth in ("jwt", "kubernetes"):
+            assert cfg.role is not None and cfg.jwt_file is not None  # enforced by config
+            return {"role": cfg.role, "jwt": self._jwt(cfg.jwt_file)}
+        return {"name": cfg.role} if cfg.role else {}  # cert: without a name, every trusted role is tried
 
-        def login() -> Any:
-            return self.client.auth.approle.login(
-                role_id=role_id, secret_id=secret_id, mount_point=mount, use_token=False
+    def _jwt(self, path: str) -> str:
+        jwt = self._credential_file(path, "jwt_file")
+        REDACTOR.add(jwt.rpartition(".")[2])  # the signature alone: what makes a copy of the claims usable
+        return jwt
+
+    def _secret_id(self) -> str | None:
+        """The secret_id: from its file, or unwrapped once from the wrapping token there and kept in memory."""
+        if self.cfg.secret_id_file is None:
+            return None
+        if not self.cfg.secret_id_wrapped:
+            return self._credential_file(self.cfg.secret_id_file, "secret_id_file")
+        if self._unwrapped is None:
+            self._unwrapped = self._unwrap_secret_id(self._credential_file(self.cfg.secret_id_file, "secret_id_file"))
+        return self._unwrapped
+
+    def _unwrap_secret_id(self, wrapping_token: str) -> str:
+        """Secure introduction: look the wrapping token up, check where it was made, then unwrap it, once."""
+        self._check_wrapping_token(wrapping_token)
+        with _intercepted_if_refused(self.cfg.secret_id_file):
+            return self._call(
+                "wrapping token unwrap",
+                lambda: self.client.adapter.post("/v1/sys/wrapping/unwrap", headers={"X-Vault-Token": wrapping_token}),
+                unwrapped_secret_id,
+                is_login=True,
             )
 
-        auth = self._call(f"AppRole login at auth/{mount}", login, login_answer, is_login=True)
-        with self._lock:
-            self.client.token = auth.token
-            self.owns_token = True
-        log.info(
-            "vault login", addr=self.addr, auth="approle", mount=mount, token_ttl=auth.ttl, renewable=auth.renewable
-        )
+    def check_wrapping_token(self) -> str:
+        """For `check`: where secret_id_file's wrapping token was made, checked as a start would; never unwrapped."""
+        assert self.cfg.secret_id_file is not None  # enforced by config
+        return self._check_wrapping_token(self._credential_file(self.cfg.secret_id_file, "secret_id_file"))
+
+    def _check_wrapping_token(self, wrapping_token: str) -> str:
+        with _intercepted_if_refused(self.cfg.secret_id_file):
+            made_at = self._call(
+                "wrapping token lookup",
+                lambda: self.client.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token}),
+                creation_path_answer,
+                is_login=True,  # a refusal means the token is not valid: 77
+                idempotent=True,
+            )
+        mount = self.cfg.auth_mount or ""
+        if not _is_secret_id_path(made_at, mount):
+            raise PermissionRefusedError(
+                f"vault secret_id_file {self.cfg.secret_id_file}: the wrapping token was created at {made_at}, not at "
+                f"auth/{mount}/role/<name>/secret-id; it may have been intercepted or replaced; it was not unwrapped"
+            )
+        return made_at
+
+    def _load_client_cert(self) -> None:
+        """Check the client certificate and key as they are now, and present them on the next connection."""
+        cert, key = self.cfg.client_cert, self.cfg.client_key
+        assert cert is not None and key is not None  # enforced by config
+        read_regular_file(cert, _MAX_CERT_FILE, "vault client_cert")
+        REDACTOR.add(read_regular_file(key, _MAX_CREDENTIAL_FILE, "vault client_key").decode("utf-8", "replace"))
+        mode = stat.S_IMODE(os.stat(key).st_mode)
+        if mode not in (0o400, 0o600):
+            log.warning("vault client_key mode is not 0400 or 0600", path=key, mode=f"{mode:04o}")
+        check_key_pair(cert, key)
+        self.session.cert = (cert, key)
+        self.session.close()  # pooled connections still present the certificate they were opened with
 
     @staticmethod
     def _credential_file(path: str, key: str) -> str:
+        """A credential file's text, registered for redaction; missing is 66, unreadable 77, empty 66."""
         text = read_regular_file(path, _MAX_CREDENTIAL_FILE, f"vault {key}").decode("utf-8", "replace").strip()
         REDACTOR.add(text)
         if not text:
@@ -332,9 +407,15 @@ class VaultClient:
         check: Callable[[dict[str, Any] | None], T],
         is_login: bool = False,
         cap: int = SMALL_ANSWER,
+        idempotent: bool | None = None,
     ) -> T:
-        """Send with retries until startup_timeout; `check` turns the answer into what the caller uses."""
+        """Send with retries until startup_timeout; `check` turns the answer into what the caller uses.
+
+        A login's refusal (400 too) is a permission error; a login is not sent again after a read
+        timeout (it may have spent a single-use secret_id) unless `idempotent` says it can be.
+        """
         attempts = 0
+        again = not is_login if idempotent is None else idempotent
 
         def attempt() -> T:
             nonlocal attempts
@@ -343,7 +424,7 @@ class VaultClient:
             return check(document(send()))
 
         retrying = tenacity.Retrying(
-            retry=tenacity.retry_if_exception(lambda e: is_transient(e, idempotent=not is_login)),
+            retry=tenacity.retry_if_exception(lambda e: is_transient(e, idempotent=again)),
             stop=lambda _state: self._clock() >= self._deadline,
             wait=self._wait,
             sleep=self._sleep,
@@ -362,7 +443,7 @@ class VaultClient:
         except SecretInitError:
             raise
         except Exception as e:
-            raise self._map_error(e, what, attempts, is_login) from None
+            raise self._map_error(e, what, attempts, is_login, again) from None
 
     def _wait(self, state: tenacity.RetryCallState) -> float:
         backoff = tenacity.wait_random_exponential(multiplier=0.2, max=5)(state)
@@ -376,7 +457,7 @@ class VaultClient:
             return self.addr
         return safe_url(url)
 
-    def _map_error(self, exc: Exception, what: str, attempts: int, is_login: bool) -> SecretInitError:
+    def _map_error(self, exc: Exception, what: str, attempts: int, is_login: bool, again: bool) -> SecretInitError:
         reason = describe(exc)
         addr = self._failed_at(exc)
         if isinstance(exc, RedirectRefused):
@@ -385,7 +466,7 @@ class VaultClient:
             )
         if isinstance(exc, AnswerTooLarge | MalformedAnswer):
             return DataError(f"vault at {addr}: {what}: malformed answer: {reason}")
-        if is_transient(exc, idempotent=not is_login):
+        if is_transient(exc, idempotent=again):
             return VaultUnavailableError(
                 f"vault at {addr} unavailable: {what} failed {attempts} time(s); last error: {reason}"
             )
@@ -396,11 +477,47 @@ class VaultClient:
             return cls(f"vault at {addr}: {what} rejected: {reason}")
         if isinstance(exc, hvac_errors.InvalidPath):
             if is_login:
-                return ConfigError(f"vault at {addr}: {what}: no such auth method ({reason}); check approle_mount")
+                return ConfigError(f"vault at {addr}: {what}: no such auth method ({reason}); check auth_mount")
             return SourceError(f"vault at {addr}: {what}: no secret at this path ({reason})")
         if isinstance(exc, requests.exceptions.RequestException | hvac_errors.VaultError):
             return VaultUnavailableError(f"vault at {addr}: {what} failed: {reason}")
         return SecretInitError(f"vault at {addr}: {what} failed: {type(exc).__name__}")
+
+
+@contextmanager
+def _intercepted_if_refused(secret_id_file: str | None) -> Iterator[None]:
+    """Vault refuses a wrapping token that is unknown, used or expired: say what that may mean."""
+    try:
+        yield
+    except PermissionRefusedError as e:
+        raise PermissionRefusedError(
+            f"vault secret_id_file {secret_id_file}: the wrapping token is unknown, already used or expired; it may "
+            f"have been intercepted: find out who unwrapped it before issuing another ({e})"
+        ) from None
+
+
+class _NoPassphrase(Exception):
+    pass
+
+
+def _refuse_passphrase() -> bytes:
+    raise _NoPassphrase  # else OpenSSL would prompt on the terminal, and the start would wait for it
+
+
+def check_key_pair(cert: str, key: str) -> None:
+    """The certificate and key load as a pair, the key unencrypted; else a config error naming the files."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(cert, key, password=_refuse_passphrase)
+    except _NoPassphrase:
+        raise ConfigError(f"vault client_key: {key} is encrypted; give secret-init an unencrypted key") from None
+    except ssl.SSLError as e:
+        reason = "the key does not match the certificate" if "MISMATCH" in str(e) else "not a PEM certificate and key"
+        raise ConfigError(f"vault client_cert and client_key: {cert} and {key}: {reason}") from None
+    except OSError as e:
+        raise SourceError(f"vault client_cert and client_key: {cert} and {key}: {e.strerror}") from None
 
 
 def without_userinfo(url: str) -> str:
@@ -541,6 +658,27 @@ def login_answer(doc: dict[str, Any] | None) -> LoginAnswer:
     return LoginAnswer(
         token, duration(auth.get("lease_duration"), "auth.lease_duration"), flag(auth.get("renewable"), "renewable")
     )
+
+
+def creation_path_answer(doc: dict[str, Any] | None) -> str:
+    """sys/wrapping/lookup: where the wrapping token was made, printable for the log."""
+    path = field(need_object(doc), "data").get("creation_path")
+    if not isinstance(path, str) or not path:
+        raise MalformedAnswer(f"data.creation_path is a {_kind(path)}, not a path")
+    return _loggable(path)
+
+
+def _is_secret_id_path(path: str, mount: str) -> bool:
+    """auth/<mount>/role/<name>/secret-id: a wrapped answer of AppRole's secret-id endpoint, under our mount."""
+    return re.fullmatch(rf"auth/{re.escape(mount)}/role/[^/]+/secret-id", path) is not None
+
+
+def unwrapped_secret_id(doc: dict[str, Any] | None) -> str:
+    secret_id = field(need_object(doc), "data").get("secret_id")
+    if not isinstance(secret_id, str) or not secret_id:
+        raise MalformedAnswer(f"data.secret_id is a {_kind(secret_id)}, not a secret_id")
+    REDACTOR.add(secret_id)
+    return secret_id
 
 
 def lease_answer(doc: dict[str, Any] | None) -> float:

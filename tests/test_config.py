@@ -36,10 +36,9 @@ max_secret_size = 4096
 [vault]
 addr = "http://127.0.0.1:8200"
 auth = "approle"
-token_file = "/run/secrets/vault_token"
+auth_mount = "approle"
 role_id_file = "/run/secrets/vault_role_id"
 secret_id_file = "/run/secrets/vault_secret_id"
-approle_mount = "approle"
 ca_cert = "/run/secrets/vault_ca.pem"
 namespace = ""
 startup_timeout = "30s"
@@ -82,7 +81,7 @@ def test_the_documented_example_loads() -> None:
     assert cfg.output.user == "app"
     assert cfg.output.mode == 0o400
     assert cfg.output.max_secret_size == 4096
-    assert cfg.vault.auth == "approle"
+    assert cfg.vault.auth == "approle" and cfg.vault.auth_mount == "approle"
     assert cfg.vault.startup_timeout == 30.0
     assert cfg.vault.request_timeout == 5.0
     assert cfg.vault.namespace is None
