@@ -681,8 +681,8 @@ def _vault_from_env(vault: VaultConfig, environ: Mapping[str, str], used: bool) 
         addr=addr.rstrip("/") if addr else None,
         ca_cert=vault.ca_cert or environ.get("VAULT_CACERT") or environ.get("BAO_CACERT"),
         namespace=namespace or None,
-        client_cert=vault.client_cert or _env_path(environ, "CLIENT_CERT", used, notes),
-        client_key=vault.client_key or _env_path(environ, "CLIENT_KEY", used, notes),
+        client_cert=vault.client_cert or _env_path(environ, "CLIENT_CERT", used),
+        client_key=vault.client_key or _env_path(environ, "CLIENT_KEY", used),
     )
     _check_client_cert(vault)
     return vault, tuple(notes)
@@ -713,17 +713,14 @@ def _spoken(words: tuple[str, ...]) -> str:
     return quoted[0] if len(quoted) == 1 else f"{', '.join(quoted[:-1])} and {quoted[-1]}"
 
 
-def _env_path(environ: Mapping[str, str], suffix: str, used: bool, notes: list[str]) -> str | None:
-    """$VAULT_<suffix>, then $BAO_<suffix>: an absolute path, or (while no secret needs Vault) ignored."""
+def _env_path(environ: Mapping[str, str], suffix: str, used: bool) -> str | None:
+    """$VAULT_<suffix>, then $BAO_<suffix>, when a secret needs Vault: an absolute path."""
     name = f"VAULT_{suffix}" if environ.get(f"VAULT_{suffix}") else f"BAO_{suffix}"
     value = environ.get(name)
-    if not value:
+    if not value or not used:
         return None
     if problem := validate_path(value):
-        if used:
-            _fail("[vault]", suffix.lower(), f"(from ${name}) {problem}")
-        notes.append(f"${name} ignored: it is not an absolute path, and no secret has a vault: source")
-        return None
+        _fail("[vault]", suffix.lower(), f"(from ${name}) {problem}")
     return value
 
 

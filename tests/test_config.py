@@ -13,6 +13,7 @@ from secret_init.config import (
     DEFAULT_OUTPUT_DIR,
     MAX_DURATION,
     SourceRef,
+    VaultConfig,
     config_path,
     docs_table,
     is_loopback_url,
@@ -72,6 +73,68 @@ template = "postgresql://${username}:${password}@db:5432/app"
 mode = "0440"
 user = "1000:1000"
 """
+
+
+@pytest.mark.parametrize(
+    ("vault", "message"),
+    [
+        ('auth = "token"\nrole = "a"', '[vault]: role is not used with auth = "token"; it is for "jwt", "kubernetes"'),
+        ('auth = "cert"\njwt_file = "/j"', '[vault]: jwt_file is not used with auth = "cert"; it is for "jwt" and'),
+        ('auth = "jwt"\nrole = "r"\njwt_file = "/j"\nrole_id_file = "/r"', "role_id_file is not used with auth"),
+        ('auth = "kubernetes"\nrole = "r"\ntoken_file = "/t"', 'token_file is not used with auth = "kubernetes"'),
+        ('auth = "token"\nauth_mount = "x"', 'auth_mount is not used with auth = "token"'),
+        ('auth = "jwt"\nrole = "r"\njwt_file = "/j"\napprole_mount = "x"', "approle_mount is not used with auth"),
+        ('auth = "jwt"\nrole = "r"\njwt_file = "/j"\nsecret_id_wrapped = true', "secret_id_wrapped is not used"),
+        ('auth = "approle"\nrole_id_file = "/r"\nrole = "x"', 'role is not used with auth = "approle"'),
+        ('auth = "jwt"\njwt_file = "/j"', '[vault]: role is required when auth = "jwt"'),
+        ('auth = "jwt"\nrole = "r"', '[vault]: jwt_file is required when auth = "jwt"'),
+        ('auth = "kubernetes"', '[vault]: role is required when auth = "kubernetes"'),
+        ('auth = "cert"\naddr = "https://v:8200"', '[vault]: client_cert is required when auth = "cert"'),
+        ('auth = "cert"\naddr = "https://v:8200"\nclient_cert = "/c"', "client_key is required when auth"),
+        ('client_key = "/k"', "[vault]: client_cert is required when client_key is set"),
+        ('auth = "cert"\naddr = "http://v:8200"\nclient_cert = "/c"\nclient_key = "/k"', "must be https:// for auth"),
+        ('auth = "approle"\nrole_id_file = "/r"\nsecret_id_wrapped = true', "secret_id_file is required when secret"),
+        ('auth = "approle"\nrole_id_file = "/r"\napprole_mount = "a"\nauth_mount = "b"', "approle_mount differs"),
+        ('auth = "jwt"\nrole = "r"\njwt_file = "/j"\nauth_mount = "a/../b"', "auth_mount must be a path"),
+        ('auth = "jwt"\nrole = "r"\njwt_file = "/j"\nauth_mount = "/"', "auth_mount must be a path"),
+        ('auth = "jwt"\nrole = "r"\njwt_file = "/j"\nauth_mount = "a?b"', "auth_mount must not hold '?'"),
+        ('auth = "jwt"\nrole = "r"\njwt_file = "relative"', "jwt_file must be an absolute path"),
+        ('auth = "oidc"', 'auth must be "token", "approle", "jwt", "kubernetes" or "cert", not \'oidc\''),
+    ],
+)
+def test_auth_keys_go_only_with_their_method_and_the_message_names_the_key(vault: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_text(f"[vault]\n{vault}\n", "auth.toml", {})
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value) and caught.value.exit_code == ExitCode.CONFIG
+
+
+def test_each_auth_method_gets_its_defaults() -> None:
+    """auth_mount is the method's name (approle_mount an alias); kubernetes reads the pod's token by default."""
+
+    def vault(text: str, environ: dict[str, str] | None = None) -> VaultConfig:
+        secret = '[[secret]]\nname = "x"\nsource = "vault:kv/x#f"\n'  # the environment counts only then
+        return load_text(f'[vault]\naddr = "https://v:8200"\n{text}\n{secret}', "auth.toml", environ or {}).vault
+
+    assert vault('auth = "kubernetes"\nrole = "r"').auth_mount == "kubernetes"
+    assert vault('auth = "kubernetes"\nrole = "r"').jwt_file == "/var/run/secrets/kubernetes.io/serviceaccount/token"
+    assert vault('auth = "jwt"\nrole = "r"\njwt_file = "/j"\nauth_mount = "/team/ci/"').auth_mount == "team/ci"
+    assert vault('auth = "approle"\nrole_id_file = "/r"\napprole_mount = "old/"').auth_mount == "old"
+    assert vault('auth = "approle"\nrole_id_file = "/r"').auth_mount == "approle"
+    assert vault("").auth_mount is None and vault("").jwt_file is None
+    cert = vault('auth = "cert"', {"VAULT_CLIENT_CERT": "/c.pem", "BAO_CLIENT_KEY": "/k.pem"})
+    assert (cert.client_cert, cert.client_key, cert.auth_mount, cert.role) == ("/c.pem", "/k.pem", "cert", None)
+    mtls = vault('auth = "token"\nclient_cert = "/mine.pem"\nclient_key = "/mine.key"', {"VAULT_CLIENT_CERT": "/c"})
+    assert (mtls.client_cert, mtls.client_key) == ("/mine.pem", "/mine.key")  # the file wins over the environment
+
+
+def test_a_client_certificate_from_the_environment_is_checked_only_when_vault_is_used() -> None:
+    secret = '[[secret]]\nname = "x"\nsource = "vault:kv/x#f"\n'
+    environ = {"VAULT_CLIENT_CERT": "relative.pem", "VAULT_CLIENT_KEY": "/k"}
+    with pytest.raises(ConfigError, match=r"client_cert \(from \$VAULT_CLIENT_CERT\) must be an absolute path"):
+        load_text(f'[vault]\naddr = "https://v:8200"\n{secret}', "env.toml", environ)
+    unused = load_text('[[secret]]\nname = "x"\nsource = "swarm:x"\n', "env.toml", environ)
+    assert unused.vault.client_cert is None and unused.vault.client_key is None  # nothing would present them
 
 
 def test_the_documented_example_loads() -> None:
@@ -448,6 +511,10 @@ def toml_escaped(text: str) -> str:
         "[vault]\ntoken_file = {p}\n",
         "[vault]\nnamespace = {v}\n",
         "[vault]\napprole_mount = {v}\n",
+        '[vault]\nauth = "jwt"\nauth_mount = {v}\nrole = "r"\njwt_file = "/j"\n',
+        '[vault]\nauth = "jwt"\nrole = {v}\njwt_file = "/j"\n',
+        '[vault]\nauth = "jwt"\nrole = "r"\njwt_file = {p}\n',
+        '[vault]\nclient_cert = {p}\nclient_key = "/k"\n',
         "[vault]\naddr = {a}\n",
         "[sidecar]\nnotify_pidfile = {p}\n",
     ],
