@@ -303,8 +303,9 @@ class VaultClient:
         if mode not in (0o400, 0o600):
             log.warning("vault client_key mode is not 0400 or 0600", path=key, mode=f"{mode:04o}")
         check_key_pair(cert, key)
-        self.session.cert = (cert, key)
-        self.session.close()  # pooled connections still present the certificate they were opened with
+        with self._lock:  # the renewer thread may be mid-request on this session
+            self.session.cert = (cert, key)
+            self.session.close()  # pooled connections still present the certificate they were opened with
 
     @staticmethod
     def _credential_file(path: str, key: str) -> str:

@@ -296,3 +296,58 @@ def test_check_reports_vault_down(setup: Setup) -> None:
     result = run_cli("check", "--config", str(cfg), env=base_env())
     assert result.returncode == 69
     assert any(line.startswith("(vault)") and "unavailable" in line for line in result.stdout.splitlines())
+
+
+# -- the pure parts of the auth methods (the logins themselves: tests/test_auth_*.py, test_wrapped_secret_id.py) --
+
+
+@pytest.mark.parametrize(
+    ("path", "mount", "expected"),
+    [
+        ("auth/approle/role/app/secret-id", "approle", True),
+        ("auth/team/approle/role/app/secret-id", "team/approle", True),
+        ("auth/approle/role/app/secret-id", "other", False),
+        ("auth/approle/role/app/secret-id-accessor/lookup", "approle", False),
+        ("auth/approle/role/app/custom-secret-id", "approle", False),
+        ("auth/approle/role/a/b/secret-id", "approle", False),
+        ("secret/data/app/x", "approle", False),
+        ("sys/wrapping/wrap", "approle", False),
+        ("auth/approleX/role/app/secret-id", "approle", False),
+    ],
+)
+def test_only_an_approle_secret_id_path_under_the_mount_is_accepted_for_a_wrapping_token(
+    path: str, mount: str, expected: bool
+) -> None:
+    from secret_init.vault import _is_secret_id_path
+
+    assert _is_secret_id_path(path, mount) is expected
+
+
+def test_a_client_key_that_is_encrypted_or_foreign_is_a_config_error_and_nothing_prompts(tmp_path: Path) -> None:
+    """OpenSSL would ask for an encrypted key's passphrase on the terminal: the check refuses it instead."""
+    import subprocess
+
+    from secret_init.errors import ConfigError, SourceError
+    from secret_init.vault import check_key_pair
+
+    def pair(name: str, *extra: str) -> tuple[Path, Path]:
+        key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", *extra,
+             "-keyout", str(key), "-out", str(cert), "-days", "1", "-subj", f"/CN={name}"],
+            check=True, capture_output=True, stdin=subprocess.DEVNULL,
+        )  # fmt: skip
+        return cert, key
+
+    cert, key = pair("plain", "-nodes")
+    check_key_pair(str(cert), str(key))  # a matching, unencrypted pair passes
+    enc_cert, enc_key = pair("enc", "-passout", "pass:" + secrets.token_hex(8))
+    with pytest.raises(ConfigError, match=r"client_key: .*enc\.key is encrypted"):
+        check_key_pair(str(enc_cert), str(enc_key))
+    other_cert, _ = pair("other", "-nodes")
+    with pytest.raises(ConfigError, match="the key does not match the certificate"):
+        check_key_pair(str(other_cert), str(key))
+    with pytest.raises(ConfigError, match="not a PEM certificate and key"):
+        check_key_pair(str(cert), str(cert))
+    with pytest.raises(SourceError, match="No such file"):
+        check_key_pair(str(tmp_path / "missing.pem"), str(key))
