@@ -71,6 +71,11 @@ _STATUS_OF = {
 }
 _MAX_CREDENTIAL_FILE = 64 * 1024
 _MAX_CERT_FILE = 1024 * 1024  # a certificate with its chain
+# TLS alerts a server sends about the client's certificate (missing, untrusted, expired...).
+_CLIENT_CERT_ALERTS = frozenset(
+    {"CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED",
+     "CERTIFICATE_UNKNOWN", "UNSUPPORTED_CERTIFICATE", "ACCESS_DENIED"}
+)  # fmt: skip
 _METHOD_NAMES = {"approle": "AppRole", "jwt": "JWT", "kubernetes": "Kubernetes", "cert": "TLS certificate"}
 # The most bytes of an answer that is not a secret read (a login, a renewal, a lookup).
 SMALL_ANSWER = 1024 * 1024
@@ -143,12 +148,31 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, requests.exceptions.Timeout):
         return "request timed out"
     if isinstance(exc, requests.exceptions.SSLError):
-        reason = re.search(r"certificate verify failed: ([^(']+)", str(exc))
-        return f"TLS verification failed: {reason.group(1).strip() if reason else 'see ca_cert'}"
+        return _describe_tls(str(exc))
     errno_text = re.search(r"\[Errno -?\d+\] ([^'\")]+)", str(exc))
     if errno_text:
         return errno_text.group(1).strip()
     return type(exc).__name__
+
+
+def _describe_tls(text: str) -> str:
+    """Which side of a failed TLS handshake refused: ours (the server's certificate) or the server (ours)."""
+    if reason := re.search(r"certificate verify failed: ([^(']+)", text):
+        return f"TLS verification failed: {reason.group(1).strip()}"
+    alert = re.search(r"\[SSL: (\w*ALERT_(\w+))\]", text)
+    if alert and alert.group(2) in _CLIENT_CERT_ALERTS:
+        return (
+            f"the server refused the TLS handshake ({alert.group(2).lower().replace('_', ' ')}): "
+            "it wants a client certificate it trusts; see client_cert"
+        )
+    if alert:
+        return f"the server ended the TLS handshake ({alert.group(2).lower().replace('_', ' ')})"
+    if "EOF occurred in violation of protocol" in text or "UNEXPECTED_EOF" in text:
+        return (
+            "the server closed the connection during the TLS handshake (a server that requires a client "
+            "certificate does so when it gets none, or one it does not trust; see client_cert)"
+        )
+    return "TLS verification failed: see ca_cert"
 
 
 class VaultClient:
@@ -181,6 +205,9 @@ class VaultClient:
             timeout=cfg.request_timeout,
             namespace=cfg.namespace,
             session=self.session,
+            # Named, else hvac presents $VAULT_CLIENT_CERT (read when it was imported) over the configured pair.
+            # requests loads the files at each new connection: a renewed certificate is used once the pool is closed.
+            cert=(cfg.client_cert, cfg.client_key) if cfg.client_cert and cfg.client_key else None,
             adapter=hvac.adapters.RawAdapter,
             ignore_exceptions=True,
         )
@@ -304,7 +331,6 @@ class VaultClient:
             log.warning("vault client_key mode is not 0400 or 0600", path=key, mode=f"{mode:04o}")
         check_key_pair(cert, key)
         with self._lock:  # the renewer thread may be mid-request on this session
-            self.session.cert = (cert, key)
             self.session.close()  # pooled connections still present the certificate they were opened with
 
     @staticmethod
