@@ -316,6 +316,8 @@ class Supervised:
         if self.cfg.vault.revoke_on_exit or not self.started:  # a start that did not complete leaves none
             for lease_id in sorted(set(leases)):
                 self._revoke(lease_id)
+        for retired in self.renewer.retired_tokens() if self.renewer is not None else []:
+            self.client.revoke_retired(retired)
         self.client.revoke_own_token()
 
     # -- the app ------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from secret_init.errors import SecretInitError
 
 if TYPE_CHECKING:
     from secret_init.model import Lease
-    from secret_init.vault import TokenInfo, VaultClient
+    from secret_init.vault import RetiredToken, TokenInfo, VaultClient
 
 log = structlog.get_logger()
 
@@ -343,6 +343,9 @@ class Renewer(threading.Thread):
         self.clock = clock
         self.rng = rng or random.Random()  # noqa: S311 - jitter, not cryptography
         self.token = TokenState()  # the thread's alone, once it runs
+        # Tokens a re-login replaced: Vault revokes a token's leases when it expires, so each is
+        # renewed until its own deadline, by which its leases were rotated onto a newer token.
+        self.retired: list[tuple[RetiredToken, TokenState]] = []
         self._leases: dict[str, LeaseState] = {}
         self._refresh: dict[str, float] = {}  # path -> next refresh time
         self._lock = threading.Lock()
@@ -439,12 +442,13 @@ class Renewer(threading.Thread):
         """Do what is due now; the time of the next duty. The thread's body, and the tests' handle."""
         now = self.clock()
         self._tend_token(now)
+        self._tend_retired(now)
         if not self.token.known:  # leases wait for the token's limits: they cap every deadline
             return self.token.next_action
         for path in list(self.snapshot()):
             self._tend_lease(path, now)
         self._tend_refresh(now)
-        times = [self.token.next_action]
+        times = [self.token.next_action, *(state.next_renewal for _, state in self.retired)]
         with self._lock:
             times += [next_wake(lease, self.configured_rotate_before) for lease in self._leases.values()]
             times += list(self._refresh.values())
@@ -566,14 +570,37 @@ class Renewer(threading.Thread):
                 self._leases[path] = capped_by_token(lease, self.token.deadline, self.configured_rotate_before)
 
     def _relogin(self, now: float) -> None:
-        self.client.login()
+        previous, state = self.client.relogin(), self.token
         log.info("token re-login", reason="halfway to the token's max TTL")
+        if previous is not None and state.known and state.renewable and now < min(state.deadline, state.expires_at):
+            self.retired.append((previous, state))
         try:
             self._learn_token()
         except SecretInitError as e:
             # Its limits unknown: look it up again after a backoff, as at the start.
             self.token = token_failed(token_unknown(now), "lookup", now, self.rng)
             log.warning("could not look up the new token", error=str(e))
+
+    def _tend_retired(self, now: float) -> None:
+        """Renew each replaced token on its own schedule until its deadline; then it is let go."""
+        kept = []
+        for retired, state in self.retired:
+            if now >= min(state.deadline, state.expires_at):
+                continue  # gone: at its max TTL, or expired after failed renewals (logged each time)
+            if now >= state.next_renewal:
+                try:
+                    ttl = self.client.renew_retired(retired, state.ttl)
+                    state = token_renewed(state, self.clock(), ttl, self.rng)
+                    log.debug("previous token renewed", ttl=ttl)
+                except SecretInitError as e:
+                    state = token_failed(state, "renew", now, self.rng)
+                    log.warning("previous vault token renewal failed, retrying", error=str(e))
+            kept.append((retired, state))
+        self.retired = kept
+
+    def retired_tokens(self) -> list["RetiredToken"]:
+        """For the shutdown's revokes, once the thread has stopped."""
+        return [retired for retired, state in self.retired if self.clock() < min(state.deadline, state.expires_at)]
 
     def _tend_refresh(self, now: float) -> None:
         with self._lock:

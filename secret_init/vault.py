@@ -107,6 +107,18 @@ class TokenInfo(NamedTuple):
     max_remaining: float  # until the token's max TTL; inf for a token that never expires
 
 
+class RetiredToken:
+    """A token a re-login replaced, kept for renewing until the leases it made are rotated. Its repr hides it."""
+
+    __slots__ = ("token",)
+
+    def __init__(self, token: str) -> None:
+        self.token = token
+
+    def __repr__(self) -> str:
+        return "RetiredToken(<hidden>)"
+
+
 class VaultSecret:
     """One read of one path: its fields (KV v2 unwrapped) and its lease, if any. Its repr shows no field."""
 
@@ -332,6 +344,41 @@ class VaultClient:
         check_key_pair(cert, key)
         with self._lock:  # the renewer thread may be mid-request on this session
             self.session.close()  # pooled connections still present the certificate they were opened with
+
+    def relogin(self) -> "RetiredToken | None":
+        """Log in again; the token it replaces, if this process made it: its leases live only while it does."""
+        with self._lock:
+            previous = self.client.token if self.owns_token else None
+            self.login()
+        return RetiredToken(previous) if previous else None
+
+    def renew_retired(self, retired: "RetiredToken", increment: float) -> float:
+        """renew-self for a token that re-login replaced (only a token's own renew-self needs no extra policy)."""
+        with self._lock, self._using(retired):
+            return self._call(
+                "renew-self of the previous token",
+                lambda: self.client.auth.token.renew_self(increment=int(increment)),
+                renew_answer,
+            )
+
+    def revoke_retired(self, retired: "RetiredToken") -> None:
+        """Best effort, as for our own token: it expires by itself anyway."""
+        with self._lock, self._using(retired):
+            try:
+                self.session.cap = SMALL_ANSWER
+                document(self.client.auth.token.revoke_self())
+                log.info("previous vault token revoked", addr=self.addr)
+            except Exception as e:
+                log.warning("previous vault token revoke failed", addr=self._failed_at(e), error=describe(e))
+
+    @contextmanager
+    def _using(self, retired: "RetiredToken") -> Iterator[None]:
+        current = self.client.token
+        self.client.token = retired.token
+        try:
+            yield
+        finally:
+            self.client.token = current
 
     @staticmethod
     def _credential_file(path: str, key: str) -> str:

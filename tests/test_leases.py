@@ -377,6 +377,32 @@ def test_token_relogin_before_its_max_ttl_and_leases_follow(
     assert [p for p in run.events("probe") if not p["ok"]] == []
 
 
+def test_the_token_a_relogin_replaced_keeps_its_leases_alive_until_they_are_rotated(
+    database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
+) -> None:
+    """Token TTL 2 s, max 24 s: the re-login comes at ~12 s, the lease's rotation only at ~16 s.
+
+    Vault revokes a token's leases when the token expires. Before the fix the replaced token
+    was no longer renewed, died ~2 s after the re-login and took the app's credentials with it
+    (failed logins until a reactive rotation). Now it is renewed until its deadline.
+    """
+    database.bao.client.auth.approle.create_or_update_approle(
+        "brief", token_policies=["app-read"], token_ttl="2s", token_max_ttl="24s"
+    )
+    creds = database.role("60s", "120s")
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name, role="brief")
+    run = Run(cfg, db_app, database.pg.port)
+    try:
+        run.until(starts(2), 40)
+    finally:
+        assert run.finish() == 0, run.stderr[-3000:]
+    events = [e["event"] for e in run.logs]
+    assert events.index("token re-login") < events.index("lease rotated")
+    assert "lease renewal refused; rotating" not in events, "the old token took its lease with it"
+    assert [p for p in run.events("probe") if not p["ok"]] == []
+    assert not [e for e in run.logs if e["level"] in ("warning", "error")]
+
+
 @pytest.mark.hostile("faults")
 def test_a_failed_start_leaves_no_lease_even_with_a_supplied_token(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser

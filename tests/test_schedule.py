@@ -49,7 +49,7 @@ from secret_init.renewal import (
 from secret_init.sink import Owner, Sink
 from secret_init.status import STATUS_DIR, STATUS_FILE
 from secret_init.supervisor import SignalEvent
-from secret_init.vault import TokenInfo, VaultClient, VaultSecret
+from secret_init.vault import RetiredToken, TokenInfo, VaultClient, VaultSecret
 
 DB = "database/creds/app"
 KV = "secret/data/app/config"
@@ -79,6 +79,7 @@ class FakeVault:
         self.token = token
         self.token_infos: list[Any] = []  # TokenInfo or an exception
         self.token_renewals: list[Any] = []  # ttl or an exception
+        self.retired_renewals: list[Any] = []  # ttl or an exception, for tokens a re-login replaced
         self.probes: list[Any] = []  # (max_remaining, ttl) or an exception
         self.renewals: list[Any] = []  # ttl or an exception
         self.reads: list[Any] = []  # an exception, or None for a fresh answer
@@ -113,6 +114,18 @@ class FakeVault:
 
     def login(self) -> None:
         self._record("login")
+
+    def relogin(self) -> RetiredToken | None:
+        previous = f"token-{len(self.called('login'))}" if self.owns_token else None
+        self.login()
+        return RetiredToken(previous) if previous else None
+
+    def renew_retired(self, retired: RetiredToken, increment: float) -> float:
+        self._record("renew_retired", (retired.token, increment))
+        return float(self._answer(self.retired_renewals, increment))
+
+    def revoke_retired(self, retired: RetiredToken) -> None:
+        self._record("revoke_retired", retired.token)
 
     def probe_lease(self, lease_id: str, duration: float) -> tuple[float, float]:
         self._record("probe", (lease_id, duration))
@@ -242,6 +255,55 @@ def test_an_owned_token_is_renewed_then_logged_in_again_halfway_to_its_max_ttl()
     leases = renewer.snapshot()
     assert leases[DB].token_deadline == 59.0, "a lease keeps the deadline of the token that made it"
     assert leases["database/creds/other"].token_deadline == 89.0
+
+
+def test_the_token_a_relogin_replaced_is_renewed_until_its_own_deadline_then_let_go() -> None:
+    """Vault revokes a token's leases when it expires: the replaced token lives on until its max TTL.
+
+    Token TTL 5 s, max 60 s: re-login at 30 s; the old token would expire at ~35 s without renewals, so it is
+    renewed (with its own TTL) until its deadline, 59 s; after that nothing renews it. A failed renewal backs off.
+    """
+    clock = Clock()
+    vault = FakeVault(clock, TokenInfo(5.0, True, 60.0))
+    vault.owns_token = True
+    vault.retired_renewals = [5.0, VaultUnavailableError("down")] + [5.0] * 100
+    renewer, _ = new_renewer(vault, clock)
+    renewer.look_up_token()
+    drive(renewer, clock, 59.9)  # the next re-login, at 60 s, would retire the second token
+    assert vault.times("login") == [30.0]
+    renewals = vault.called("renew_retired")
+    assert all(token == "token-0" and increment == 5.0 for _, (token, increment) in renewals), renewals
+    times = [at for at, _ in renewals]
+    assert 30.0 < times[0] <= 35.0, "the first renewal comes before the old token's TTL runs out"
+    assert all(b - a < 5.0 for a, b in itertools.pairwise([30.0, *times])), "never a gap of a whole TTL"
+    assert 54.0 <= times[-1] < 59.0, "renewed up to its deadline"
+    assert any(b - a < 1.0 for a, b in itertools.pairwise(times)), "the failed renewal was retried after a backoff"
+    assert renewer.retired == [] and renewer.retired_tokens() == [], "let go at its deadline, 59 s"
+
+
+def test_a_supplied_token_is_never_kept_as_a_retired_one() -> None:
+    """Only a token this process logged in for is replaced by a re-login (a supplied one never is)."""
+    clock = Clock()
+    vault = FakeVault(clock, TokenInfo(5.0, True, 60.0))
+    renewer, _ = new_renewer(vault, clock)
+    renewer.look_up_token()
+    drive(renewer, clock, 40.0)
+    assert vault.times("login") == [] and renewer.retired == [] and vault.called("renew_retired") == []
+
+
+def test_the_shutdown_revokes_the_replaced_token_too(tmp_path: Path) -> None:
+    """SIGTERM after a re-login: the leases, the replaced token and the current token are revoked."""
+    scene = Scene(tmp_path, token=TokenInfo(5.0, True, 40.0))
+    scene.vault.owns_token = True
+    scene.begin()
+    scene.run(25.0)
+    assert scene.vault.times("login") == [20.0]
+    scene.loop.events.put(SignalEvent(signal.SIGTERM))
+    scene.loop.step(0)
+    scene.loop.finish()
+    assert [token for _, token in scene.vault.called("revoke_retired")] == ["token-0"]
+    order = [name for name, _, _ in scene.vault.calls if name in ("revoke", "revoke_retired", "revoke_token")]
+    assert order[-2:] == ["revoke_retired", "revoke_token"] and "revoke" in order
 
 
 def test_a_token_that_cannot_be_renewed_backs_off_then_is_reported_expired_once() -> None:
