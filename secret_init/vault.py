@@ -7,9 +7,7 @@ is registered for redaction when it is read, and no error message built here quo
 
 import json
 import math
-import os
 import re
-import stat
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +22,8 @@ import requests
 import structlog
 import tenacity
 
+from secret_init import client_cert
+from secret_init.client_cert import CertCopy
 from secret_init.config import DEFAULT_MAX_SECRET_SIZE, VaultConfig, is_loopback_url
 from secret_init.errors import (
     ConfigError,
@@ -70,7 +70,6 @@ _STATUS_OF = {
     hvac_errors.VaultDown: 503,
 }
 _MAX_CREDENTIAL_FILE = 64 * 1024
-_MAX_CERT_FILE = 1024 * 1024  # a certificate with its chain
 # TLS alerts a server sends about the client's certificate (missing, untrusted, expired...).
 _CLIENT_CERT_ALERTS = frozenset(
     {"CERTIFICATE_REQUIRED", "BAD_CERTIFICATE", "UNKNOWN_CA", "CERTIFICATE_EXPIRED", "CERTIFICATE_REVOKED",
@@ -108,12 +107,18 @@ class TokenInfo(NamedTuple):
 
 
 class RetiredToken:
-    """A token a re-login replaced, kept for renewing until the leases it made are rotated. Its repr hides it."""
+    """A token a re-login replaced: its hvac client, and the certificate it logged in with (OpenBao's cert
+    method renews a token only for that one). Kept for renewing until the leases it made are rotated."""
 
-    __slots__ = ("token",)
+    __slots__ = ("cert", "client")
 
-    def __init__(self, token: str) -> None:
-        self.token = token
+    def __init__(self, client: hvac.Client, cert: CertCopy | None) -> None:
+        self.client = client
+        self.cert = cert
+
+    def close(self) -> None:
+        if self.cert is not None:
+            self.cert.close()
 
     def __repr__(self) -> str:
         return "RetiredToken(<hidden>)"
@@ -209,20 +214,8 @@ class VaultClient:
         self._unwrapped: str | None = None  # a wrapped secret_id, once unwrapped: memory is its only copy
         self._lock = threading.RLock()  # the renewer thread and the main loop share one session
         self.session = _session(cfg, environ, self._budget)
-        # token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token behind our back.
-        # RawAdapter with ignore_exceptions: every answer, whatever its status or shape, is judged here.
-        self.client = hvac.Client(
-            url=cfg.addr,
-            token="",
-            timeout=cfg.request_timeout,
-            namespace=cfg.namespace,
-            session=self.session,
-            # Named, else hvac presents $VAULT_CLIENT_CERT (read when it was imported) over the configured pair.
-            # requests loads the files at each new connection: a renewed certificate is used once the pool is closed.
-            cert=(cfg.client_cert, cfg.client_key) if cfg.client_cert and cfg.client_key else None,
-            adapter=hvac.adapters.RawAdapter,
-            ignore_exceptions=True,
-        )
+        self._cert: CertCopy | None = None  # the current token's login certificate, when one is configured
+        self.client = self._hvac("", None)
         if cfg.addr.startswith("http://") and not is_loopback_url(cfg.addr):
             log.warning("vault address is plain http; tokens and secrets cross the network unencrypted", addr=self.addr)
 
@@ -241,24 +234,70 @@ class VaultClient:
 
     def login(self) -> None:
         """Log in as `auth` says. Credential files are read again each time: a JWT or a certificate rotates."""
-        if self.cfg.client_cert:
-            self._load_client_cert()
-        if self.cfg.auth == "token":
-            self.client.token = self._static_token()
-            log.info("vault token loaded", addr=self.addr, auth="token")
-            return
+        previous = self._login()
+        if previous is not None:
+            previous.close()  # a supplied token is not ours to keep alive
+
+    def relogin(self) -> "RetiredToken | None":
+        """Log in again; the token it replaces, if this process made it: its leases live only while it does."""
+        with self._lock:
+            owned = self.owns_token
+            previous = self._login()
+        if previous is not None and not owned:
+            previous.close()
+            return None
+        return previous
+
+    def _login(self) -> "RetiredToken | None":
+        """Log in; what was replaced: the previous token's client, with the certificate it logged in with."""
+        cert = client_cert.load(self.cfg.client_cert, self.cfg.client_key or "") if self.cfg.client_cert else None
+        try:
+            fresh = self._hvac("", cert)  # presents the certificate read just now
+            if self.cfg.auth == "token":
+                fresh.token = self._static_token()
+                log.info("vault token loaded", addr=self.addr, auth="token")
+                owned = False
+            else:
+                fresh.token = self._log_in(fresh)
+                owned = True
+        except BaseException:
+            if cert is not None:
+                cert.close()
+            raise
+        with self._lock:
+            previous = RetiredToken(self.client, self._cert) if self.client.token else None
+            self.client, self._cert, self.owns_token = fresh, cert, owned
+        return previous
+
+    def _log_in(self, via: hvac.Client) -> str:
         mount = self.cfg.auth_mount
-        body = self._login_body()
+        body = self._login_body(via)
 
         def login() -> Any:
-            return self.client.adapter.post(f"/v1/auth/{mount}/login", json=body)
+            return via.adapter.post(f"/v1/auth/{mount}/login", json=body)
 
         auth = self._call(f"{_METHOD_NAMES[self.cfg.auth]} login at auth/{mount}", login, login_answer, is_login=True)
-        with self._lock:
-            self.client.token = auth.token
-            self.owns_token = True
         log.info(
             "vault login", addr=self.addr, auth=self.cfg.auth, mount=mount, token_ttl=auth.ttl, renewable=auth.renewable
+        )
+        return auth.token
+
+    def _hvac(self, token: str, cert: "CertCopy | None") -> hvac.Client:
+        """An hvac client on the shared session, for one token and the certificate it logs in and renews with.
+
+        token="" keeps hvac from reading VAULT_TOKEN or ~/.vault-token behind our back; the certificate is
+        named, else hvac presents $VAULT_CLIENT_CERT (read when it was imported). RawAdapter with
+        ignore_exceptions: every answer, whatever its status or shape, is judged here.
+        """
+        return hvac.Client(
+            url=self.cfg.addr,
+            token=token,
+            timeout=self.cfg.request_timeout,
+            namespace=self.cfg.namespace,
+            session=self.session,
+            cert=cert.path if cert is not None else None,
+            adapter=hvac.adapters.RawAdapter,
+            ignore_exceptions=True,
         )
 
     def _static_token(self) -> str:
@@ -271,12 +310,12 @@ class VaultClient:
             raise ConfigError('vault: auth = "token" needs [vault] token_file, VAULT_TOKEN or BAO_TOKEN')
         return token
 
-    def _login_body(self) -> dict[str, str]:
+    def _login_body(self, via: hvac.Client) -> dict[str, str]:
         cfg = self.cfg
         if cfg.auth == "approle":
             assert cfg.role_id_file is not None  # enforced by config
             body = {"role_id": self._credential_file(cfg.role_id_file, "role_id_file")}
-            if secret_id := self._secret_id():
+            if secret_id := self._secret_id(via):
                 body["secret_id"] = secret_id
             return body
         if cfg.auth in ("jwt", "kubernetes"):
@@ -289,23 +328,26 @@ class VaultClient:
         REDACTOR.add(jwt.rpartition(".")[2])  # the signature alone: what makes a copy of the claims usable
         return jwt
 
-    def _secret_id(self) -> str | None:
+    def _secret_id(self, via: hvac.Client) -> str | None:
         """The secret_id: from its file, or unwrapped once from the wrapping token there and kept in memory."""
         if self.cfg.secret_id_file is None:
             return None
         if not self.cfg.secret_id_wrapped:
             return self._credential_file(self.cfg.secret_id_file, "secret_id_file")
         if self._unwrapped is None:
-            self._unwrapped = self._unwrap_secret_id(self._credential_file(self.cfg.secret_id_file, "secret_id_file"))
+            self._unwrapped = self._unwrap_secret_id(
+                via, self._credential_file(self.cfg.secret_id_file, "secret_id_file")
+            )
         return self._unwrapped
 
-    def _unwrap_secret_id(self, wrapping_token: str) -> str:
+    def _unwrap_secret_id(self, via: hvac.Client, wrapping_token: str) -> str:
         """Secure introduction: look the wrapping token up, check where it was made, then unwrap it, once."""
-        self._check_wrapping_token(wrapping_token)
+        self._check_wrapping_token(via, wrapping_token)
         with _intercepted_if_refused(self.cfg.secret_id_file):
             return self._call(
                 "wrapping token unwrap",
-                lambda: self.client.adapter.post("/v1/sys/wrapping/unwrap", headers={"X-Vault-Token": wrapping_token}),
+                # via has no token yet, so this header is the only one: the wrapping token unwraps itself
+                lambda: via.adapter.post("/v1/sys/wrapping/unwrap", headers={"X-Vault-Token": wrapping_token}),
                 unwrapped_secret_id,
                 is_login=True,
             )
@@ -313,13 +355,19 @@ class VaultClient:
     def check_wrapping_token(self) -> str:
         """For `check`: where secret_id_file's wrapping token was made, checked as a start would; never unwrapped."""
         assert self.cfg.secret_id_file is not None  # enforced by config
-        return self._check_wrapping_token(self._credential_file(self.cfg.secret_id_file, "secret_id_file"))
+        wrapping_token = self._credential_file(self.cfg.secret_id_file, "secret_id_file")
+        cert = client_cert.load(self.cfg.client_cert, self.cfg.client_key or "") if self.cfg.client_cert else None
+        try:
+            return self._check_wrapping_token(self._hvac("", cert), wrapping_token)
+        finally:
+            if cert is not None:
+                cert.close()
 
-    def _check_wrapping_token(self, wrapping_token: str) -> str:
+    def _check_wrapping_token(self, via: hvac.Client, wrapping_token: str) -> str:
         with _intercepted_if_refused(self.cfg.secret_id_file):
             made_at = self._call(
                 "wrapping token lookup",
-                lambda: self.client.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token}),
+                lambda: via.adapter.post("/v1/sys/wrapping/lookup", json={"token": wrapping_token}),
                 creation_path_answer,
                 is_login=True,  # a refusal means the token is not valid: 77
                 idempotent=True,
@@ -332,58 +380,31 @@ class VaultClient:
             )
         return made_at
 
-    def _load_client_cert(self) -> None:
-        """Check the client certificate and key as they are now, and present them on the next connection."""
-        cert, key = self.cfg.client_cert, self.cfg.client_key
-        assert cert is not None and key is not None  # enforced by config
-        read_regular_file(cert, _MAX_CERT_FILE, "vault client_cert")
-        REDACTOR.add(read_regular_file(key, _MAX_CREDENTIAL_FILE, "vault client_key").decode("utf-8", "replace"))
-        mode = stat.S_IMODE(os.stat(key).st_mode)
-        if mode not in (0o400, 0o600):
-            log.warning("vault client_key mode is not 0400 or 0600", path=key, mode=f"{mode:04o}")
-        check_key_pair(cert, key)
-        with self._lock:  # the renewer thread may be mid-request on this session
-            self.session.close()  # pooled connections still present the certificate they were opened with
-
-    def relogin(self) -> "RetiredToken | None":
-        """Log in again; the token it replaces, if this process made it: its leases live only while it does."""
-        with self._lock:
-            previous = self.client.token if self.owns_token else None
-            self.login()
-        return RetiredToken(previous) if previous else None
-
     def renew_retired(self, retired: "RetiredToken", increment: float) -> float:
-        """renew-self for a token that re-login replaced (only a token's own renew-self needs no extra policy)."""
-        with self._lock, self._using(retired):
-            return self._call(
-                "renew-self of the previous token",
-                lambda: self.client.auth.token.renew_self(increment=int(increment)),
-                renew_answer,
-            )
+        """renew-self for a token a re-login replaced, with its own certificate (only renew-self needs no policy)."""
+        return self._call(
+            "renew-self of the previous token",
+            lambda: retired.client.auth.token.renew_self(increment=int(increment)),
+            renew_answer,
+        )
 
     def revoke_retired(self, retired: "RetiredToken") -> None:
-        """Best effort, as for our own token: it expires by itself anyway."""
-        with self._lock, self._using(retired):
+        """Best effort, as for our own token: it expires by itself anyway. Its certificate copy is let go."""
+        with self._lock:
             try:
                 self.session.cap = SMALL_ANSWER
-                document(self.client.auth.token.revoke_self())
+                document(retired.client.auth.token.revoke_self())
                 log.info("previous vault token revoked", addr=self.addr)
             except Exception as e:
                 log.warning("previous vault token revoke failed", addr=self._failed_at(e), error=describe(e))
-
-    @contextmanager
-    def _using(self, retired: "RetiredToken") -> Iterator[None]:
-        current = self.client.token
-        self.client.token = retired.token
-        try:
-            yield
-        finally:
-            self.client.token = current
+            finally:
+                retired.close()
 
     @staticmethod
     def _credential_file(path: str, key: str) -> str:
         """A credential file's text, registered for redaction; missing is 66, unreadable 77, empty 66."""
-        text = read_regular_file(path, _MAX_CREDENTIAL_FILE, f"vault {key}").decode("utf-8", "replace").strip()
+        raw = read_regular_file(path, _MAX_CREDENTIAL_FILE, f"vault {key}", "the limit of a credential file")
+        text = raw.decode("utf-8", "replace").strip()
         REDACTOR.add(text)
         if not text:
             raise SourceError(f"vault {key}: {path} is empty")
@@ -568,30 +589,6 @@ def _intercepted_if_refused(secret_id_file: str | None) -> Iterator[None]:
             f"vault secret_id_file {secret_id_file}: the wrapping token is unknown, already used or expired; it may "
             f"have been intercepted: find out who unwrapped it before issuing another ({e})"
         ) from None
-
-
-class _NoPassphrase(Exception):
-    pass
-
-
-def _refuse_passphrase() -> bytes:
-    raise _NoPassphrase  # else OpenSSL would prompt on the terminal, and the start would wait for it
-
-
-def check_key_pair(cert: str, key: str) -> None:
-    """The certificate and key load as a pair, the key unencrypted; else a config error naming the files."""
-    import ssl
-
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    try:
-        context.load_cert_chain(cert, key, password=_refuse_passphrase)
-    except _NoPassphrase:
-        raise ConfigError(f"vault client_key: {key} is encrypted; give secret-init an unencrypted key") from None
-    except ssl.SSLError as e:
-        reason = "the key does not match the certificate" if "MISMATCH" in str(e) else "not a PEM certificate and key"
-        raise ConfigError(f"vault client_cert and client_key: {cert} and {key}: {reason}") from None
-    except OSError as e:
-        raise SourceError(f"vault client_cert and client_key: {cert} and {key}: {e.strerror}") from None
 
 
 def without_userinfo(url: str) -> str:

@@ -118,14 +118,14 @@ class FakeVault:
     def relogin(self) -> RetiredToken | None:
         previous = f"token-{len(self.called('login'))}" if self.owns_token else None
         self.login()
-        return RetiredToken(previous) if previous else None
+        return RetiredToken(cast(Any, previous), None) if previous else None  # the fake's "client" is a name
 
     def renew_retired(self, retired: RetiredToken, increment: float) -> float:
-        self._record("renew_retired", (retired.token, increment))
+        self._record("renew_retired", (retired.client, increment))
         return float(self._answer(self.retired_renewals, increment))
 
     def revoke_retired(self, retired: RetiredToken) -> None:
-        self._record("revoke_retired", retired.token)
+        self._record("revoke_retired", retired.client)
 
     def probe_lease(self, lease_id: str, duration: float) -> tuple[float, float]:
         self._record("probe", (lease_id, duration))

@@ -327,8 +327,8 @@ def test_a_client_key_that_is_encrypted_or_foreign_is_a_config_error_and_nothing
     """OpenSSL would ask for an encrypted key's passphrase on the terminal: the check refuses it instead."""
     import subprocess
 
+    from secret_init.client_cert import check_key_pair
     from secret_init.errors import ConfigError, SourceError
-    from secret_init.vault import check_key_pair
 
     def pair(name: str, *extra: str) -> tuple[Path, Path]:
         key, cert = tmp_path / f"{name}.key", tmp_path / f"{name}.pem"

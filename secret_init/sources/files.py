@@ -45,7 +45,7 @@ class FileSource:
         return Material(spec, Hidden(data))
 
 
-def read_regular_file(path: str, max_size: int, what: str) -> bytes:
+def read_regular_file(path: str, max_size: int, what: str, limit: str = "max_secret_size") -> bytes:
     """Read a whole regular file; FIFOs, devices and directories are refused, not opened blocking."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY)
@@ -63,7 +63,7 @@ def read_regular_file(path: str, max_size: int, what: str) -> bytes:
             chunks.append(chunk)
             size += len(chunk)
             if size > max_size:
-                raise DataError(f"{what}: {path} is larger than max_secret_size ({max_size} bytes)")
+                raise DataError(f"{what}: {path} is larger than {limit} ({max_size} bytes)")
         return b"".join(chunks)
     except OSError as e:
         raise SourceError(f"{what}: {path} cannot be read: {e.strerror}") from None
