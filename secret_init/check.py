@@ -93,7 +93,8 @@ def _check_vault(cfg: Config, environ: Mapping[str, str]) -> tuple[Row | None, d
         client.login()
         return None, client.capabilities(paths)
     except SecretInitError as e:
-        return Row("(vault)", cfg.vault.addr or "-", "-", "-", "-", str(e), e.exit_code), {}
+        unchecked: dict[str, list[str]] | None = None if cfg.vault.secret_id_wrapped else {}  # no login: rows say why
+        return Row("(vault)", cfg.vault.addr or "-", "-", "-", "-", str(e), e.exit_code), unchecked
     finally:
         if client is not None:
             client.revoke_own_token()
