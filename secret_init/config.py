@@ -415,6 +415,11 @@ class VaultConfig(NamedTuple):
     refresh_interval: Annotated[float, _DURATION, "When supervising: how often to read unleased secrets again."] = 300.0
     revoke_on_exit: Annotated[bool, _BOOL, "When supervising: on exit, revoke the leases it created."] = True
 
+    @property
+    def mount(self) -> str:
+        """Where `auth` is mounted: as configured (load fills it in), else the method's own name."""
+        return self.auth_mount or self.approle_mount or self.auth
+
 
 class ProcessConfig(NamedTuple):
     scrub_env: Annotated[tuple[str, ...], _NAMES, "More variables to remove from the app's environment."] = ()

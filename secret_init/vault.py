@@ -270,7 +270,7 @@ class VaultClient:
         return previous
 
     def _log_in(self, via: hvac.Client) -> str:
-        mount = self.cfg.auth_mount
+        mount = self.cfg.mount
         body = self._login_body(via)
 
         def login() -> Any:
@@ -372,7 +372,7 @@ class VaultClient:
                 is_login=True,  # a refusal means the token is not valid: 77
                 idempotent=True,
             )
-        mount = self.cfg.auth_mount or ""
+        mount = self.cfg.mount
         if not _is_secret_id_path(made_at, mount):
             raise PermissionRefusedError(
                 f"vault secret_id_file {self.cfg.secret_id_file}: the wrapping token was created at {made_at}, not at "
