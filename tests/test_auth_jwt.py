@@ -111,7 +111,7 @@ class JwtAuth:
         """The reason OpenBao gives for refusing `token` at auth/<mount>/login (asked directly)."""
         import hvac
 
-        client = hvac.Client(url=self.bao.addr)
+        client = hvac.Client(url=self.bao.addr, token="")  # "": not ~/.vault-token or $VAULT_TOKEN
         with pytest.raises(hvac.exceptions.VaultError) as refused:
             client.adapter.post(f"/v1/auth/{self.mount}/login", json={"role": role, "jwt": token})
         errors = refused.value.errors or []

@@ -213,7 +213,7 @@ class RaftBao:
     def init(self) -> None:
         import hvac
 
-        self.client = hvac.Client(url=self.addr)
+        self.client = hvac.Client(url=self.addr, token="")  # "": not ~/.vault-token or $VAULT_TOKEN
         self.start()
         answer = self.client.sys.initialize(secret_shares=1, secret_threshold=1)
         self.unseal_key = register_secret(answer["keys"][0], "unseal key")
