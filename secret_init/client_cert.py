@@ -4,7 +4,8 @@ OpenBao's cert method renews a token only for the very certificate it logged in 
 certificate and key a login used are copied into a memfd (memory, never disk) and each token keeps
 presenting its own copy: a certificate renewed on disk is taken up at the next login, and the
 tokens before it can still be renewed. requests loads a certificate from a path at each new
-connection; /proc/self/fd/N names the memfd, and only this process (and root) can open it.
+connection; /proc/self/fd/N names the memfd. Only a process that may ptrace this one can open it
+through /proc: root, or this uid while the process is dumpable (secret-init makes itself non-dumpable).
 """
 
 import os
@@ -52,6 +53,9 @@ def load(cert: str, key: str) -> CertCopy:
     """The pair as the files hold it now, checked; the key is registered for redaction first."""
     cert_pem = read_regular_file(cert, MAX_CERT_FILE, "vault client_cert", "the limit of a certificate file")
     key_pem = read_regular_file(key, MAX_KEY_FILE, "vault client_key", "the limit of a credential file")
+    for name, path, pem in (("client_cert", cert, cert_pem), ("client_key", key, key_pem)):
+        if not pem.strip():
+            raise SourceError(f"vault {name}: {path} is empty")
     REDACTOR.add(key_pem.decode("utf-8", "replace"))
     mode = stat.S_IMODE(os.stat(key).st_mode)
     if mode not in SAFE_KEY_MODES:

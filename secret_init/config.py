@@ -689,7 +689,7 @@ def _vault_from_env(vault: VaultConfig, environ: Mapping[str, str], used: bool) 
         client_cert=vault.client_cert or _env_path(environ, "CLIENT_CERT", used),
         client_key=vault.client_key or _env_path(environ, "CLIENT_KEY", used),
     )
-    _check_client_cert(vault)
+    _check_client_cert(vault, used)
     return vault, tuple(notes)
 
 
@@ -729,10 +729,10 @@ def _env_path(environ: Mapping[str, str], suffix: str, used: bool) -> str | None
     return value
 
 
-def _check_client_cert(vault: VaultConfig) -> None:
-    """A client certificate comes with its key, over https; auth = "cert" needs one."""
+def _check_client_cert(vault: VaultConfig, used: bool) -> None:
+    """A client certificate comes with its key, over https; auth = "cert" needs one once Vault is used."""
     for key, other in (("client_cert", "client_key"), ("client_key", "client_cert")):
-        if getattr(vault, key) is None and (getattr(vault, other) is not None or vault.auth == "cert"):
+        if getattr(vault, key) is None and (getattr(vault, other) is not None or (vault.auth == "cert" and used)):
             why = 'auth = "cert"' if vault.auth == "cert" else f"{other} is set"
             _fail("[vault]", key, f"is required when {why} (or ${'VAULT_' + key.upper()})")
     if vault.auth == "cert" and vault.addr is not None and not vault.addr.startswith("https://"):

@@ -443,12 +443,13 @@ class Renewer(threading.Thread):
         now = self.clock()
         self._tend_token(now)
         self._tend_retired(now)
+        retired_times = [state.next_renewal for _, state in self.retired]
         if not self.token.known:  # leases wait for the token's limits: they cap every deadline
-            return self.token.next_action
+            return min([self.token.next_action, *retired_times])
         for path in list(self.snapshot()):
             self._tend_lease(path, now)
         self._tend_refresh(now)
-        times = [self.token.next_action, *(state.next_renewal for _, state in self.retired)]
+        times = [self.token.next_action, *retired_times]
         with self._lock:
             times += [next_wake(lease, self.configured_rotate_before) for lease in self._leases.values()]
             times += list(self._refresh.values())
@@ -572,8 +573,12 @@ class Renewer(threading.Thread):
     def _relogin(self, now: float) -> None:
         previous, state = self.client.relogin(), self.token
         log.info("token re-login", reason="halfway to the token's max TTL")
-        if previous is not None and state.known and state.renewable and now < min(state.deadline, state.expires_at):
-            self.retired.append((previous, state))
+        if previous is None:
+            return
+        if state.known and now < min(state.deadline, state.expires_at):
+            self.retired.append((previous, state))  # renewed if it can be; revoked at exit either way
+        else:
+            self.client.release(previous)
         try:
             self._learn_token()
         except SecretInitError as e:
@@ -586,13 +591,18 @@ class Renewer(threading.Thread):
         kept = []
         for retired, state in self.retired:
             if now >= min(state.deadline, state.expires_at):
-                continue  # gone: at its max TTL, or expired after failed renewals (logged each time)
+                self.client.release(retired)  # gone: at its max TTL, or expired after failed renewals
+                continue
             if now >= state.next_renewal:
                 try:
                     ttl = self.client.renew_retired(retired, state.ttl)
                     state = token_renewed(state, self.clock(), ttl, self.rng)
                     log.debug("previous token renewed", ttl=ttl)
                 except SecretInitError as e:
+                    if e.exit_code != 69:  # refused: no retry mends that; its leases are rotated or die with it
+                        log.warning("previous vault token renewal refused; letting it go", error=str(e))
+                        self.client.release(retired)
+                        continue
                     state = token_failed(state, "renew", now, self.rng)
                     log.warning("previous vault token renewal failed, retrying", error=str(e))
             kept.append((retired, state))

@@ -216,6 +216,8 @@ class VaultClient:
         self.session = _session(cfg, environ, self._budget)
         self._cert: CertCopy | None = None  # the current token's login certificate, when one is configured
         self.client = self._hvac("", None)
+        if cfg.client_cert and cfg.addr.startswith("http://"):
+            log.warning("client_cert is never presented: the vault address is plain http", addr=self.addr)
         if cfg.addr.startswith("http://") and not is_loopback_url(cfg.addr):
             log.warning("vault address is plain http; tokens and secrets cross the network unencrypted", addr=self.addr)
 
@@ -236,7 +238,7 @@ class VaultClient:
         """Log in as `auth` says. Credential files are read again each time: a JWT or a certificate rotates."""
         previous = self._login()
         if previous is not None:
-            previous.close()  # a supplied token is not ours to keep alive
+            self.release(previous)  # a supplied token is not ours to keep alive
 
     def relogin(self) -> "RetiredToken | None":
         """Log in again; the token it replaces, if this process made it: its leases live only while it does."""
@@ -244,7 +246,7 @@ class VaultClient:
             owned = self.owns_token
             previous = self._login()
         if previous is not None and not owned:
-            previous.close()
+            self.release(previous)
             return None
         return previous
 
@@ -261,8 +263,7 @@ class VaultClient:
                 fresh.token = self._log_in(fresh)
                 owned = True
         except BaseException:
-            if cert is not None:
-                cert.close()
+            self._drop_copy(cert)
             raise
         with self._lock:
             previous = RetiredToken(self.client, self._cert) if self.client.token else None
@@ -350,6 +351,7 @@ class VaultClient:
                 lambda: via.adapter.post("/v1/sys/wrapping/unwrap", headers={"X-Vault-Token": wrapping_token}),
                 unwrapped_secret_id,
                 is_login=True,
+                once=True,  # whatever failed may have reached the server and spent the token: never sent twice
             )
 
     def check_wrapping_token(self) -> str:
@@ -360,8 +362,7 @@ class VaultClient:
         try:
             return self._check_wrapping_token(self._hvac("", cert), wrapping_token)
         finally:
-            if cert is not None:
-                cert.close()
+            self._drop_copy(cert)
 
     def _check_wrapping_token(self, via: hvac.Client, wrapping_token: str) -> str:
         with _intercepted_if_refused(self.cfg.secret_id_file):
@@ -398,7 +399,21 @@ class VaultClient:
             except Exception as e:
                 log.warning("previous vault token revoke failed", addr=self._failed_at(e), error=describe(e))
             finally:
-                retired.close()
+                self.release(retired)
+
+    def release(self, retired: "RetiredToken") -> None:
+        """Let a replaced token go: its certificate copy is closed."""
+        self._drop_copy(retired.cert)
+
+    def _drop_copy(self, cert: "CertCopy | None") -> None:
+        """Close a certificate copy, and the pooled connections with it: requests pools connections by the
+        certificate's path, and the next copy may get the same fd number, so the same path, while a
+        connection made with the old certificate stays open in the pool."""
+        if cert is None:
+            return
+        with self._lock:
+            cert.close()
+            self.session.close()
 
     @staticmethod
     def _credential_file(path: str, key: str) -> str:
@@ -503,6 +518,7 @@ class VaultClient:
         is_login: bool = False,
         cap: int = SMALL_ANSWER,
         idempotent: bool | None = None,
+        once: bool = False,
     ) -> T:
         """Send with retries until startup_timeout; `check` turns the answer into what the caller uses.
 
@@ -520,7 +536,7 @@ class VaultClient:
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: is_transient(e, idempotent=again)),
-            stop=lambda _state: self._clock() >= self._deadline,
+            stop=lambda _state: once or self._clock() >= self._deadline,
             wait=self._wait,
             sleep=self._sleep,
             before_sleep=lambda state: log.warning(

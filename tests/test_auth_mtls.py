@@ -227,5 +227,44 @@ def cert_logins(mtls: MtlsBao) -> list[str]:
     return [
         e["auth"]["metadata"]["common_name"]
         for e in mtls.bao.audit_entries()
-        if e.get("type") == "response" and e["request"].get("path") == "auth/cert/login" and e.get("auth")
+        if e.get("type") == "response"
+        and e["request"].get("path") == "auth/cert/login"
+        and (e.get("auth") or {}).get("metadata")  # a refused login's entry has no metadata
     ]
+
+
+def test_a_login_refused_for_its_certificate_is_followed_by_one_with_the_new_certificate(
+    mtls_bao: MtlsBao, workdir: Path
+) -> None:
+    """In one process: a login refused for its certificate, a good one written to the same paths, a login again.
+
+    requests pools connections by the certificate's path, and the refused login's memfd copy is closed, so
+    the next copy gets the same fd number and path: without dropping the pool with the copy, the kept-alive
+    connection of the refused login would present the old certificate again (found in review).
+    """
+    from secret_init.config import VaultConfig
+    from secret_init.errors import PermissionRefusedError
+    from secret_init.vault import VaultClient
+
+    bad_cert, bad_key = mtls_bao.clients.issue(mtls_bao.certs, "reused-bad")
+    good_cert, good_key = mtls_bao.clients.issue(mtls_bao.certs, "reused-good")
+    mtls_bao.bao.client.write(
+        "auth/cert/certs/reused", certificate=mtls_bao.clients.cert.read_text(), token_policies="app-read",
+        allowed_common_names="reused-good", token_ttl="60s",
+    )  # fmt: skip
+    live_cert, live_key = workdir / "reused.pem", workdir / "reused.key"
+    shutil.copy(bad_cert, live_cert)
+    shutil.copy(bad_key, live_key)
+    cfg = VaultConfig(
+        addr=mtls_bao.mtls_addr, auth="cert", role="reused", client_cert=str(live_cert), client_key=str(live_key),
+        ca_cert=str(mtls_bao.server_ca.ca_cert), startup_timeout=2.0,
+    )  # fmt: skip
+    client = VaultClient(cfg, {})
+    with pytest.raises(PermissionRefusedError):
+        client.login()
+    shutil.copy(good_cert, live_cert)
+    shutil.copy(good_key, live_key)
+    client.login()
+    assert client.owns_token
+    client.revoke_own_token()
+    assert cert_logins(mtls_bao)[-1] == "reused-good"

@@ -75,6 +75,9 @@ user = "1000:1000"
 """
 
 
+USED = '\n[[secret]]\nname = "x"\nsource = "vault:kv/x#f"'  # a secret that needs Vault
+
+
 @pytest.mark.parametrize(
     ("vault", "message"),
     [
@@ -89,7 +92,7 @@ user = "1000:1000"
         ('auth = "jwt"\njwt_file = "/j"', '[vault]: role is required when auth = "jwt"'),
         ('auth = "jwt"\nrole = "r"', '[vault]: jwt_file is required when auth = "jwt"'),
         ('auth = "kubernetes"', '[vault]: role is required when auth = "kubernetes"'),
-        ('auth = "cert"\naddr = "https://v:8200"', '[vault]: client_cert is required when auth = "cert"'),
+        (f'auth = "cert"\naddr = "https://v:8200"{USED}', '[vault]: client_cert is required when auth = "cert"'),
         ('auth = "cert"\naddr = "https://v:8200"\nclient_cert = "/c"', "client_key is required when auth"),
         ('client_key = "/k"', "[vault]: client_cert is required when client_key is set"),
         ('auth = "cert"\naddr = "http://v:8200"\nclient_cert = "/c"\nclient_key = "/k"', "must be https:// for auth"),
@@ -126,6 +129,12 @@ def test_each_auth_method_gets_its_defaults() -> None:
     assert (cert.client_cert, cert.client_key, cert.auth_mount, cert.role) == ("/c.pem", "/k.pem", "cert", None)
     mtls = vault('auth = "token"\nclient_cert = "/mine.pem"\nclient_key = "/mine.key"', {"VAULT_CLIENT_CERT": "/c"})
     assert (mtls.client_cert, mtls.client_key) == ("/mine.pem", "/mine.key")  # the file wins over the environment
+
+
+def test_auth_cert_without_a_vault_secret_needs_no_certificate() -> None:
+    """Like every default from the environment, the certificate matters only once a secret needs Vault."""
+    cfg = load_text('[vault]\nauth = "cert"\n', "cert.toml", {"VAULT_CLIENT_CERT": "/c.pem", "VAULT_CLIENT_KEY": "/k"})
+    assert cfg.vault.client_cert is None and not cfg.uses_vault
 
 
 def test_a_client_certificate_from_the_environment_is_checked_only_when_vault_is_used() -> None:

@@ -127,6 +127,9 @@ class FakeVault:
     def revoke_retired(self, retired: RetiredToken) -> None:
         self._record("revoke_retired", retired.client)
 
+    def release(self, retired: RetiredToken) -> None:
+        self._record("release", retired.client)
+
     def probe_lease(self, lease_id: str, duration: float) -> tuple[float, float]:
         self._record("probe", (lease_id, duration))
         max_remaining, ttl = self._answer(self.probes, (1000.0, duration))
@@ -279,6 +282,33 @@ def test_the_token_a_relogin_replaced_is_renewed_until_its_own_deadline_then_let
     assert 54.0 <= times[-1] < 59.0, "renewed up to its deadline"
     assert any(b - a < 1.0 for a, b in itertools.pairwise(times)), "the failed renewal was retried after a backoff"
     assert renewer.retired == [] and renewer.retired_tokens() == [], "let go at its deadline, 59 s"
+    [(released_at, released)] = vault.called("release")
+    assert released == "token-0" and 59.0 <= released_at < 59.9, "its certificate copy is closed then"
+
+
+def test_a_replaced_token_whose_renewal_is_refused_is_let_go_at_once() -> None:
+    """A refusal (77) is not retried every backoff until the token expires: the token is released."""
+    clock = Clock()
+    vault = FakeVault(clock, TokenInfo(5.0, True, 60.0))
+    vault.owns_token = True
+    vault.retired_renewals = [PermissionRefusedError("permission denied")]
+    renewer, _ = new_renewer(vault, clock)
+    renewer.look_up_token()
+    drive(renewer, clock, 45.0)
+    assert len(vault.called("renew_retired")) == 1 and renewer.retired == []
+    assert [token for _, token in vault.called("release")] == ["token-0"]
+
+
+def test_a_replaced_token_that_cannot_be_renewed_is_kept_for_the_exit_revoke() -> None:
+    """Not renewable: never renewed, but kept (and so revoked at exit) until it expires, then released."""
+    clock = Clock()
+    vault = FakeVault(clock, TokenInfo(40.0, False, 40.0))
+    vault.owns_token = True
+    renewer, _ = new_renewer(vault, clock)
+    renewer.look_up_token()
+    drive(renewer, clock, 25.0)
+    assert vault.times("login") == [20.0] and vault.called("renew_retired") == []
+    assert len(renewer.retired_tokens()) == 1 and vault.called("release") == []
 
 
 def test_a_supplied_token_is_never_kept_as_a_retired_one() -> None:

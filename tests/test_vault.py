@@ -351,3 +351,15 @@ def test_a_client_key_that_is_encrypted_or_foreign_is_a_config_error_and_nothing
         check_key_pair(str(cert), str(cert))
     with pytest.raises(SourceError, match="No such file"):
         check_key_pair(str(tmp_path / "missing.pem"), str(key))
+
+
+def test_an_empty_client_certificate_or_key_is_66_like_every_empty_credential_file(tmp_path: Path) -> None:
+    from secret_init import client_cert
+    from secret_init.errors import SourceError
+
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_text("\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    with pytest.raises(SourceError, match=r"vault client_cert: .*c\.pem is empty") as raised:
+        client_cert.load(str(cert), str(key))
+    assert raised.value.exit_code == 66
