@@ -556,15 +556,9 @@ def make_test_ca(directory: Path) -> OwnCA:
     directory.mkdir(mode=0o700, parents=True, exist_ok=True)
     ca_key, ca_cert = directory / "ca.key", directory / "ca.pem"
     key, csr, cert, ext = directory / "tls.key", directory / "tls.csr", directory / "tls.pem", directory / "tls.ext"
-    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    _openssl_ca(openssl, ca_key, ca_cert, "secret-init test CA")
     subprocess.run(
-        [openssl, "req", "-x509", *curve, "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "1",
-         "-subj", "/CN=secret-init test CA", "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    subprocess.run(
-        [openssl, "req", "-new", *curve, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=localhost"],
+        [openssl, "req", "-new", *_CURVE, "-keyout", str(key), "-out", str(csr), "-subj", "/CN=localhost"],
         check=True, capture_output=True,
     )  # fmt: skip
     ext.write_text(
@@ -583,6 +577,63 @@ def make_test_ca(directory: Path) -> OwnCA:
     for pem in (ca_key, key):
         register_secret(pem.read_text().strip(), "test CA key")
     return OwnCA(ca_cert, cert, key)
+
+
+_CURVE = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+
+def _openssl_ca(openssl: str, key: Path, cert: Path, name: str) -> None:
+    """A self-signed CA (P-256, 1 day) named `name`, its key in `key` and its certificate in `cert`."""
+    subprocess.run(
+        [openssl, "req", "-x509", *_CURVE, "-keyout", str(key), "-out", str(cert), "-days", "1",
+         "-subj", f"/CN={name}", "-addext", "basicConstraints=critical,CA:TRUE",
+         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ClientCA:
+    """A CA made by openssl that signs TLS client certificates (clientAuth), for `cert` auth and mTLS listeners."""
+
+    cert: Path
+    key: Path
+
+    def issue(self, directory: Path, name: str) -> tuple[Path, Path]:
+        """A client certificate for CN=`name` signed by this CA, and its key (0600, registered as a secret)."""
+        openssl = shutil.which("openssl") or "openssl"
+        key, csr, cert, ext = (directory / f"{name}.{suffix}" for suffix in ("key", "csr", "pem", "ext"))
+        subprocess.run(
+            [openssl, "req", "-new", *_CURVE, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}"],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        ext.write_text(
+            "basicConstraints = critical, CA:FALSE\n"
+            "keyUsage = critical, digitalSignature\n"
+            "extendedKeyUsage = clientAuth\n"
+            "subjectKeyIdentifier = hash\n"
+            "authorityKeyIdentifier = keyid, issuer\n"
+        )
+        subprocess.run(
+            [openssl, "x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key),
+             "-CAcreateserial", "-days", "1", "-extfile", str(ext), "-out", str(cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        key.chmod(0o600)
+        register_secret(key.read_text().strip(), f"client key {name}")
+        return cert, key
+
+
+def make_client_ca(directory: Path, name: str = "secret-init test client CA") -> ClientCA:
+    """A throwaway client CA in `directory` (client-ca.key, client-ca.pem); its key is registered as a secret."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("needs the openssl command to make a client CA")
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key, cert = directory / "client-ca.key", directory / "client-ca.pem"
+    _openssl_ca(openssl, key, cert, name)
+    register_secret(key.read_text().strip(), "client CA key")
+    return ClientCA(cert, key)
 
 
 def tls_listener(ca: OwnCA, port: int) -> str:

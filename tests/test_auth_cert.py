@@ -25,7 +25,6 @@ checked explicitly against stderr, status.json and the probe app's environment.
 import json
 import secrets
 import shutil
-import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from tests.conftest import (
     assert_no_leak,
     base_env,
     log_events,
+    make_client_ca,
     needs_root,
     random_secret,
     register_secret,
@@ -83,38 +83,9 @@ class ClientPki:
 
 def make_client_pki(directory: Path, ca_name: str, client_name: str) -> ClientPki:
     """A throwaway client CA (P-256, 1 day) and a client certificate for `client_name` signed by it."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        pytest.skip("needs the openssl command to make the client CAs")
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ca_key, ca_cert = directory / "client-ca.key", directory / "client-ca.pem"
-    key, csr, cert, ext = (directory / f"client.{suffix}" for suffix in ("key", "csr", "pem", "ext"))
-    curve = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
-    subprocess.run(
-        [openssl, "req", "-x509", *curve, "-keyout", str(ca_key), "-out", str(ca_cert), "-days", "1",
-         "-subj", f"/CN={ca_name}", "-addext", "basicConstraints=critical,CA:TRUE",
-         "-addext", "keyUsage=critical,keyCertSign,cRLSign"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    subprocess.run(
-        [openssl, "req", "-new", *curve, "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={client_name}"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    ext.write_text(
-        "basicConstraints = critical, CA:FALSE\n"
-        "keyUsage = critical, digitalSignature\n"
-        "extendedKeyUsage = clientAuth\n"
-        "subjectKeyIdentifier = hash\n"
-        "authorityKeyIdentifier = keyid, issuer\n"
-    )
-    subprocess.run(
-        [openssl, "x509", "-req", "-in", str(csr), "-CA", str(ca_cert), "-CAkey", str(ca_key), "-CAcreateserial",
-         "-days", "1", "-extfile", str(ext), "-out", str(cert)],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    register_secret(ca_key.read_text().strip(), "client CA key")
-    pki = ClientPki(ca_cert, cert, key)
-    register_secret(pki.key_pem, "client certificate key")
+    ca = make_client_ca(directory, ca_name)
+    cert, key = ca.issue(directory, client_name)
+    pki = ClientPki(ca.cert, cert, key)
     register_secret(pki.key_body, "client certificate key body")
     return pki
 

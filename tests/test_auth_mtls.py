@@ -6,7 +6,6 @@ Setup calls use the plain dev listener; secret-init only the mTLS one.
 """
 
 import shutil
-import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,11 +15,13 @@ import pytest
 
 from tests.conftest import (
     Bao,
+    ClientCA,
     OwnCA,
     assert_no_leak,
     configure_bao,
     free_port,
     log_events,
+    make_client_ca,
     make_test_ca,
     needs_root,
     random_secret,
@@ -34,38 +35,6 @@ from tests.conftest import (
 from tests.test_leases import Run
 
 pytestmark = needs_root
-
-
-@dataclass(frozen=True)
-class ClientCA:
-    cert: Path
-    key: Path
-
-    def issue(self, directory: Path, name: str) -> tuple[Path, Path]:
-        """A client certificate (CN=name, clientAuth) signed by this CA, and its key (0600)."""
-        key, csr, cert, ext = (directory / f"{name}{s}" for s in (".key", ".csr", ".pem", ".ext"))
-        openssl("req", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-                "-keyout", str(key), "-out", str(csr), "-subj", f"/CN={name}")  # fmt: skip
-        ext.write_text("basicConstraints = critical, CA:FALSE\nextendedKeyUsage = clientAuth\n")
-        openssl("x509", "-req", "-in", str(csr), "-CA", str(self.cert), "-CAkey", str(self.key), "-CAcreateserial",
-                "-days", "1", "-extfile", str(ext), "-out", str(cert))  # fmt: skip
-        key.chmod(0o600)
-        register_secret(key.read_text().strip(), f"client key {name}")
-        return cert, key
-
-
-def openssl(*args: str) -> None:
-    subprocess.run(["openssl", *args], check=True, capture_output=True, stdin=subprocess.DEVNULL)
-
-
-def make_client_ca(directory: Path) -> ClientCA:
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-    key, cert = directory / "client-ca.key", directory / "client-ca.pem"
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", str(key),
-            "-out", str(cert), "-days", "1", "-subj", "/CN=secret-init test client CA",
-            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign")  # fmt: skip
-    register_secret(key.read_text().strip(), "client CA key")
-    return ClientCA(cert, key)
 
 
 @dataclass
