@@ -116,10 +116,6 @@ class RetiredToken:
         self.client = client
         self.cert = cert
 
-    def close(self) -> None:
-        if self.cert is not None:
-            self.cert.close()
-
     def __repr__(self) -> str:
         return "RetiredToken(<hidden>)"
 
