@@ -1,7 +1,8 @@
 """`secret-init check`: validate everything a run needs without reading a value or writing a file.
 
 It resolves users, inspects the output filesystem, stats source files and asks Vault's
-sys/capabilities-self whether each path may be read. A token it logs in for is revoked
+sys/capabilities-self whether each path may be read, or written for one with `params`
+(it is not written: that would issue a certificate). A token it logs in for is revoked
 before it returns. A wrapped secret_id is only looked up: unwrapping it would spend it.
 """
 
@@ -123,10 +124,14 @@ def _vault_capability(spec: SecretSpec, caps: dict[str, list[str]] | None) -> tu
     granted = caps.get(spec.source.path)
     if granted is None:
         return ("not checked: vault login failed", ExitCode.UNAVAILABLE)
-    if "root" in granted or "read" in granted:
-        return None
+    needed, verb = ({"update", "create"}, "write") if spec.written else ({"read"}, "read")
+    if "root" in granted or needed & set(granted):
+        if spec.params is None:
+            return None
+        keys = ", ".join(key for key, _ in spec.params) or "none"
+        return (f"ok: will be written (POST, params: {keys}), not read; check writes nothing", ExitCode.OK)
     return (
-        f"token may not read {spec.source.path} (capabilities: {', '.join(granted) or 'none'})",
+        f"token may not {verb} {spec.source.path} (capabilities: {', '.join(granted) or 'none'})",
         ExitCode.NO_PERMISSION,
     )
 

@@ -7,9 +7,10 @@ the declared part set it. Pure: `load_text` takes the text and the environment, 
 else, and raises ConfigError with a one-line message naming the section and key at fault.
 """
 
+import math
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Annotated, NamedTuple, NoReturn, TypeVar
 
 from secret_init.errors import ConfigError, PermissionRefusedError
@@ -333,6 +334,46 @@ def _template(value: object) -> "Template":
     return parse_template(_str(value))
 
 
+MAX_PARAMS = 64
+
+Params = tuple[tuple[str, "str | int | float | bool | tuple[str | int, ...]"], ...]
+
+
+def _params(value: object) -> Params:
+    """A table of flat values for a Vault write; kept sorted so that equal tables compare equal."""
+    if not isinstance(value, dict):
+        _reject('must be a table, e.g. params = { common_name = "web.internal", ttl = "24h" }')
+    if len(value) > MAX_PARAMS:
+        _reject(f"has more than {MAX_PARAMS} keys")
+    pairs = []
+    for key, item in sorted(value.items()):
+        if not key or unprintable(key):
+            _reject(f"key {_quote(key)} must be a printable, non-empty name")
+        pairs.append((key, _param_value(key, item)))
+    return tuple(pairs)
+
+
+def _param_value(key: str, item: object) -> "str | int | float | bool | tuple[str | int, ...]":
+    if isinstance(item, bool | int | str) or (isinstance(item, float) and math.isfinite(item)):
+        return item
+    if isinstance(item, list) and all(isinstance(v, str | int) and not isinstance(v, bool) for v in item):
+        return tuple(item)
+    return _reject(f"{key!r} must be a string, a number, a boolean or a list of strings, not {_kind(item)}")
+
+
+def _kind(value: object) -> str:
+    return {dict: "a table", list: "a list of mixed values", float: "a number that is not finite"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def params_key(params: Params | None) -> str:
+    """One text per distinct params table (True is not 1 here, unlike in a tuple comparison)."""
+    import json
+
+    return json.dumps(params)
+
+
 def _mount(value: str) -> str:
     """A mount path as Vault names it: segments of a URL path, no '..' or '.' that could climb out of auth/."""
     mount = value.strip("/")
@@ -372,6 +413,7 @@ _NAME = _Type("file name", lambda v: _valid(validate_name, v))
 _SOURCE = _Type("source", lambda v: parse_reference(_str(v)))
 _ENV = _Type("variable name", lambda v: _valid(validate_env_name, v))
 _TEMPLATE = _Type("template", _template)
+_PARAMS = _Type("table", _params)
 
 
 class SecretSpec(NamedTuple):
@@ -381,6 +423,12 @@ class SecretSpec(NamedTuple):
     template: Annotated["Template | None", _TEMPLATE, "The file's content, built from the fields."] = None
     mode: Annotated[int, _MODE, 'This file\'s mode, e.g. `"0440"`.', "`output.mode`"] = 0o400
     user: Annotated[str | None, _USER, "This file's owner.", "`output.user`"] = None  # None means output.user
+    params: Annotated[Params | None, _PARAMS, "Write the `vault:` path with these; see [Writes](#writes)."] = None
+
+    @property
+    def written(self) -> bool:
+        """A Vault path written (POST) with params, not read: it issues something new each time."""
+        return self.params is not None
 
 
 class OutputConfig(NamedTuple):
@@ -438,6 +486,47 @@ class SidecarConfig(NamedTuple):
     notify_signal: Annotated[int, _SIGNAL, "The signal it sends."] = 1  # SIGHUP
 
 
+class Listen(NamedTuple):
+    host: str  # an IP literal; IPv6 without brackets
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        import ipaddress
+
+        return ipaddress.ip_address(self.host).is_loopback
+
+
+def parse_listen(value: object) -> Listen:
+    """ "127.0.0.1:9102", "[::1]:9102" or "localhost:9102" (taken as 127.0.0.1): an address to bind, not a name."""
+    import ipaddress
+
+    text = _str(value)
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\]:(\d{1,5})|([0-9A-Za-z.]+):(\d{1,5})", text)
+    if not match:
+        _reject(f'must be "HOST:PORT" such as "127.0.0.1:9102" or "[::1]:9102", not {_quote(text)}')
+    host, port = (match[1], match[2]) if match[1] else (match[3], match[4])
+    host = "127.0.0.1" if host == "localhost" else host
+    try:
+        host = str(ipaddress.ip_address(host))
+    except ValueError:
+        _reject(f"host {_quote(host)} must be an IP address (or localhost)")
+    if not 1 <= int(port) <= 65535:
+        _reject(f"port {port} must be from 1 to 65535")
+    return Listen(host, int(port))
+
+
+_LISTEN = _Type('`"HOST:PORT"`', parse_listen, lambda v: f'`"{v}"`')
+
+
+class MetricsConfig(NamedTuple):
+    listen: Annotated[Listen | None, _LISTEN, 'Serve Prometheus metrics here, e.g. `"127.0.0.1:9102"`.', "off"] = None
+    allow_remote: Annotated[bool, _BOOL, "Allow a `listen` address that is not loopback."] = False
+
+
 class Config(NamedTuple):
     path: str
     output: OutputConfig
@@ -447,6 +536,7 @@ class Config(NamedTuple):
     swarm_dir: str = DEFAULT_SWARM_DIR
     sidecar: SidecarConfig = SidecarConfig()
     notes: tuple[str, ...] = ()  # for a debug log line each; they hold no secret
+    metrics: MetricsConfig = MetricsConfig()
 
     @property
     def uses_vault(self) -> bool:
@@ -461,13 +551,18 @@ class Config(NamedTuple):
         """Each Vault path once, sorted: one read serves every secret from it."""
         return sorted({s.source.path for s in self.vault_specs})
 
+    @property
+    def written_paths(self) -> set[str]:
+        """Vault paths written with params: each request issues something new, so none is re-read on a timer."""
+        return {s.source.path for s in self.vault_specs if s.written}
+
     def file_path(self, spec: SecretSpec) -> str:
         return f"{self.output.dir.rstrip('/')}/{spec.name}"
 
 
 _SECTIONS: dict[str, type[NamedTuple]] = {
     "output": OutputConfig, "vault": VaultConfig, "process": ProcessConfig, "sidecar": SidecarConfig,
-    "secret": SecretSpec,
+    "secret": SecretSpec, "metrics": MetricsConfig,
 }  # fmt: skip
 
 
@@ -630,12 +725,16 @@ def _parse(data: dict[str, object], path: str, environ: Mapping[str, str]) -> Co
     elif process.on_rotate not in ("restart", "none"):
         _fail("[process]", "on_rotate", f'must be "restart", "signal:NAME" or "none", not {_quote(process.on_rotate)}')
     sidecar = _read(SidecarConfig, data.get("sidecar"), "[sidecar]")
+    metrics = _read(MetricsConfig, data.get("metrics"), "[metrics]")
+    if metrics.listen is not None and not metrics.listen.is_loopback and not metrics.allow_remote:
+        _fail("[metrics]", "listen", f"{metrics.listen} is not a loopback address; set allow_remote = true to serve "
+              "metrics beyond this host")  # fmt: skip
     secrets = _parse_secrets(data.get("secret", []), output)
     vault, notes = _vault_from_env(vault, environ, any(s.source.kind == "vault" for s in secrets))
     swarm_dir = environ.get("SECRET_INIT_SWARM_DIR") or DEFAULT_SWARM_DIR
     if any(s.source.kind == "swarm" for s in secrets) and (problem := validate_path(swarm_dir)):
         _fail("environment", "$SECRET_INIT_SWARM_DIR", problem)
-    return Config(path, output, vault, process, secrets, swarm_dir, sidecar, notes)
+    return Config(path, output, vault, process, secrets, swarm_dir, sidecar, notes, metrics)
 
 
 def _normal_dir(path: str) -> str:
@@ -659,13 +758,28 @@ def _parse_secrets(items: object, output: OutputConfig) -> tuple[SecretSpec, ...
         spec = _read(SecretSpec, item, where, {"mode": output.mode})
         if spec.template is not None and (spec.source.kind != "vault" or spec.source.field is not None):
             _fail(where, "template", "needs a vault: source without #field (the template picks the fields)")
+        if spec.params is not None and spec.source.kind != "vault":
+            _fail(where, "params", "needs a vault: source (the path is written with them)")
         if spec.name in secrets:
             _fail(where, "name", "is used twice")
+        if same_path := _differing_params(spec, secrets.values()):
+            reason = f"differ from those of secret {_quote(same_path.name)}, which names the same path"
+            _fail(where, "params", f"{reason} {spec.source.path}: one path is one request, one set of params")
         if spec.env is not None and spec.env in envs:
             _fail(where, f"env {spec.env}", "is used twice")
         secrets[spec.name] = spec
         envs.add(spec.env)
     return tuple(secrets.values())
+
+
+def _differing_params(spec: SecretSpec, earlier: Iterable[SecretSpec]) -> SecretSpec | None:
+    if spec.source.kind != "vault":
+        return None
+    for other in earlier:
+        same = other.source.kind == "vault" and other.source.path == spec.source.path
+        if same and params_key(other.params) != params_key(spec.params):
+            return other
+    return None
 
 
 def _vault_from_env(vault: VaultConfig, environ: Mapping[str, str], used: bool) -> tuple[VaultConfig, tuple[str, ...]]:

@@ -224,7 +224,7 @@ class Supervised:
         for path, lease in leased.items():
             self.renewer.track(path, lease)  # first: if the lookup fails, shutdown revokes them
         for path in self.cfg.vault_paths:
-            if path not in leased:
+            if path not in leased and path not in self.cfg.written_paths:
                 self.renewer.watch_static(path)
         self.renewer.look_up_token()
         if self.threaded:
@@ -244,6 +244,8 @@ class Supervised:
 
     def _rotate(self, path: str, old_lease_id: str, reason: str) -> None:
         assert self.renewer is not None and self.client is not None
+        old = self.renewer.snapshot().get(path)
+        revocable = old is None or old.revocable  # a certificate without a Vault lease has nothing to revoke
         fresh = self._read(path, "rotation")
         if fresh is None:
             self.renewer.rotation_failed(path)
@@ -253,7 +255,7 @@ class Supervised:
             changed = self._write(fresh)
         except SecretInitError as e:
             log.error("rotation could not write files", path=path, error=str(e))
-            if new is not None:
+            if new is not None and new.revocable:
                 self._revoke(new.lease_id)
             self.renewer.rotation_failed(path)
             return
@@ -265,6 +267,8 @@ class Supervised:
             "lease rotated", path=path, reason=reason, old_lease=old_lease_id, new_lease=new.lease_id if new else None
         )
         restarted = self._apply_on_rotate() if changed else False
+        if not revocable:
+            return
         if restarted:  # the old app is gone: nothing uses the old credentials
             self._revoke(old_lease_id)
         else:  # signalled, or a sidecar's app: give it stop_timeout to switch
@@ -305,10 +309,10 @@ class Supervised:
 
     def _shutdown_vault(self) -> None:
         # Until the renewer tracks them, the start's own leases are only in `done`.
-        leases = [m.lease.lease_id for m in self.done.materials if m.lease]
+        leases = [m.lease.lease_id for m in self.done.materials if m.lease and m.lease.revocable]
         if self.renewer is not None:
             self.renewer.stop(timeout=self.cfg.vault.request_timeout * 3)
-            leases = [lease.lease_id for lease in self.renewer.snapshot().values()]
+            leases = [lease.lease_id for lease in self.renewer.snapshot().values() if lease.revocable]
         leases += [lease_id for _, lease_id in self.pending_revokes]
         self.pending_revokes.clear()
         if self.client is None:
@@ -356,6 +360,8 @@ class Supervised:
                     last_renewal=lease.last_renewal + wall if lease.last_renewal is not None else None,
                     last_rotation=lease.rotated_at + wall if lease.rotated_at is not None else None,
                     rotating=lease.rotating,
+                    revocable=lease.revocable,
+                    serial=lease.serial,
                 )
         doc = status.build(self.cfg, views, os.getpid(), self.supervisor.pid, time.time(), state)
         # Rewrite only on change; updated_at alone does not count.

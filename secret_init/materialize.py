@@ -63,6 +63,8 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_cli
     done = Materialized(user, reading.materials, written, sink, owners, vault.client, owner_lock)
     if vault.client is None or keep_client:
         return done
+    if certificates := sorted({m.spec.source.path for m in reading.materials if m.lease and m.lease.serial}):
+        log.warning("issued certificates are not rotated after render; run or sidecar rotates them", paths=certificates)
     if leased := sorted(set(vault.issued)):  # they die with the token: it must outlive us
         log.warning("leased secrets are not renewed after render; they expire with their TTL", leases=leased)
     else:
@@ -77,7 +79,7 @@ def revoked_on_failure(done: Materialized) -> Iterator[None]:
         yield
     except BaseException:
         if done.client is not None:
-            revoke_all(done.client, [m.lease.lease_id for m in done.materials if m.lease])
+            revoke_all(done.client, [m.lease.lease_id for m in done.materials if m.lease and m.lease.revocable])
         raise
 
 

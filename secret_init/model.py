@@ -29,6 +29,8 @@ class Lease(NamedTuple):
     duration: float
     renewable: bool
     issued_at: float = 0.0  # when Vault answered, on the client's monotonic clock; its TTL runs from here
+    revocable: bool = True  # False for an issued certificate without a Vault lease: lease_id is then its serial
+    serial: str | None = None  # an issued certificate's serial number
 
 
 class Material(NamedTuple):

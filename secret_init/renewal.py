@@ -69,6 +69,8 @@ class LeaseState(NamedTuple):
     probed: bool = True
     token_deadline: float = FAR  # of the token that created it: a later login does not extend it
     rotated_at: float | None = None  # when the rotation that brought this lease finished
+    revocable: bool = True  # False for an issued certificate without a Vault lease (lease_id is its serial)
+    serial: str | None = None  # an issued certificate's
 
     @property
     def lifetime(self) -> float:
@@ -365,8 +367,11 @@ class Renewer(threading.Thread):
         else:  # it can only expire: its TTL is its whole life
             deadline = min(lease.issued_at + lease.duration, token_deadline)
             state = new_lease(path, lease.lease_id, lease.duration, False, lease.issued_at, deadline, self.rng)
+        state = state._replace(
+            token_deadline=token_deadline, rotated_at=rotated_at, revocable=lease.revocable, serial=lease.serial
+        )
         with self._lock:
-            self._leases[path] = state._replace(token_deadline=token_deadline, rotated_at=rotated_at)
+            self._leases[path] = state
         self._wake.set()
         log.info("lease tracked", path=path, lease_id=lease.lease_id, ttl=round(state.expires_at - self.clock(), 1))
 

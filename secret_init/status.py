@@ -31,6 +31,8 @@ class LeaseView(NamedTuple):
     last_renewal: float | None
     last_rotation: float | None  # when the rotation that brought this lease finished
     rotating: bool
+    revocable: bool = True  # False: an issued certificate without a Vault lease; lease_id is not shown
+    serial: str | None = None  # an issued certificate's
 
 
 def iso(ts: float | None) -> str | None:
@@ -61,7 +63,8 @@ def build(
                 "name": spec.name,
                 "source": str(spec.source),
                 "file": cfg.file_path(spec),
-                "lease_id": lease.lease_id if lease else None,
+                "lease_id": lease.lease_id if lease and lease.revocable else None,
+                "serial": lease.serial if lease else None,
                 "expires_at": iso(lease.expires_at) if lease else None,
                 "deadline": iso(lease.deadline) if lease else None,
                 "rotate_at": iso(lease.rotate_at) if lease else None,
@@ -93,7 +96,8 @@ def problems(cfg: Config, status: Mapping[str, Any] | None, now: float, exists: 
         found.append("secret-init has stopped; the leases it held are gone")
     for entry in status.get("secrets", []):
         rotate_at, deadline = parse_iso(entry.get("rotate_at")), parse_iso(entry.get("deadline"))
-        lease = f"lease {entry.get('lease_id')} of {entry.get('name')}"
+        held = f"lease {entry.get('lease_id')}" if entry.get("lease_id") else f"certificate {entry.get('serial')}"
+        lease = f"{held} of {entry.get('name')}"
         if deadline is not None and now >= deadline:
             found.append(f"{lease} is past its deadline")
         elif rotate_at is not None and now >= rotate_at and not entry.get("rotating"):
@@ -109,7 +113,7 @@ def well_formed(doc: Any) -> dict[str, Any]:
     if not isinstance(secrets, list) or not all(isinstance(e, dict) for e in secrets):
         raise ValueError("not the shape secret-init writes")
     for entry in secrets:
-        for key in ("name", "lease_id", "rotate_at", "deadline"):
+        for key in ("name", "lease_id", "serial", "rotate_at", "deadline"):
             value = entry.get(key)
             if value is not None and not (isinstance(value, str) and unprintable(value) is None and len(value) <= 4096):
                 raise ValueError(f"{key} of an entry is not a printable string")

@@ -89,6 +89,11 @@ MAX_LEASE_ID = 512  # Vault's are a path and a 24-character id
 MAX_WARNINGS = 10  # a read's warnings that are logged, each cut to MAX_WARNING_CHARS
 MAX_WARNING_CHARS = 200
 MAX_DURATION = PROBE_INCREMENT  # a longer TTL is not an answer Vault gives (and overflows timers)
+# The parts of an issued certificate that every TLS client sees: not secrets, so not redacted
+# (a 2-letter private_key_type would otherwise be cut out of every log line).
+CERTIFICATE_PUBLIC = frozenset(
+    {"certificate", "issuing_ca", "ca_chain", "serial_number", "expiration", "private_key_type"}
+)
 
 
 class MalformedAnswer(Exception):
@@ -195,6 +200,7 @@ class VaultClient:
         environ: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        wall: Callable[[], float] = time.time,  # only to read a certificate's expiration, a wall time
     ) -> None:
         if cfg.addr is None:
             raise ConfigError("vault: no address; set [vault] addr, VAULT_ADDR or BAO_ADDR")
@@ -205,6 +211,7 @@ class VaultClient:
         self._environ = environ
         self._clock = clock
         self._sleep = sleep
+        self._wall = wall
         self._deadline = clock() + cfg.startup_timeout
         self.owns_token = False  # True when this process logged in and so may revoke
         self._unwrapped: str | None = None  # a wrapped secret_id, once unwrapped: memory is its only copy
@@ -442,6 +449,19 @@ class VaultClient:
             f"read of {path} ({purpose})",
             lambda: self.client.read(path),
             lambda doc: parse_response(path, need_object(doc), self._clock()),
+            cap=answer_cap(max_size),
+        )
+
+    def write(self, path: str, params: Mapping[str, Any], purpose: str, max_size: int) -> VaultSecret:
+        """POST `params` to `path`: each call issues something new, a certificate from pki/issue/ROLE say.
+
+        Sent again after a lost answer, as a read of database/creds is: what the lost answer
+        issued was never ours to use, and a certificate without a lease cannot be revoked anyway.
+        """
+        return self._call(
+            f"write of {path} ({purpose})",
+            lambda: self.client.write_data(path, data=dict(params)),
+            lambda doc: parse_response(path, need_object(doc), self._clock(), self._wall()),
             cap=answer_cap(max_size),
         )
 
@@ -785,13 +805,18 @@ def lookup_answer(doc: dict[str, Any] | None) -> LookupAnswer:
     return LookupAnswer(ttl, flag(data.get("renewable"), "data.renewable"), duration(creation_ttl, "data.creation_ttl"))
 
 
-def parse_response(path: str, response: Mapping[str, Any], now: float) -> VaultSecret:
-    """`now`, on the client's clock, is when Vault answered: a lease's TTL runs from then."""
+def parse_response(path: str, response: Mapping[str, Any], now: float, wall: float | None = None) -> VaultSecret:
+    """`now`, on the client's clock, is when Vault answered: a lease's TTL runs from then.
+
+    `wall` is given for a write's answer: one with a certificate and its `expiration` (a PKI
+    issue) is tracked like a lease that ends at that NotAfter, with or without a Vault lease.
+    """
     data = response.get("data")
     if not isinstance(data, dict):
         raise MalformedAnswer("the response has no data object")
     data = _unwrap_kv2(data)
-    _register_strings(data)
+    issued = wall is not None and isinstance(data.get("certificate"), str) and "expiration" in data
+    _register_strings({k: v for k, v in data.items() if k not in CERTIFICATE_PUBLIC} if issued else data)
     lease_id = _lease_id(response.get("lease_id") or "")
     lease = None
     if lease_id:
@@ -799,8 +824,32 @@ def parse_response(path: str, response: Mapping[str, Any], now: float) -> VaultS
             lease_id, duration(response.get("lease_duration"), "lease_duration"),
             flag(response.get("renewable"), "renewable"), now,
         )  # fmt: skip
+    if issued:
+        assert wall is not None
+        lease = certificate_lease(data, lease, now, wall)
     warnings = string_list(response.get("warnings"), "warnings")[:MAX_WARNINGS]
     return VaultSecret(path, data, lease, tuple(_loggable(w) for w in warnings))
+
+
+def certificate_lease(data: Mapping[str, Any], lease: Lease | None, now: float, wall: float) -> Lease:
+    """An issued certificate ends at its `expiration`, and so does its Vault lease if it has one.
+
+    Either way it cannot be renewed: a new certificate is issued instead. Without a lease the
+    tracking id is the serial, and nothing is revoked.
+    """
+    serial = data.get("serial_number")
+    if not isinstance(serial, str) or not re.fullmatch(r"[0-9a-fA-F:]{1,128}", serial):
+        raise MalformedAnswer("serial_number is not a hexadecimal serial")
+    expiration = data["expiration"]
+    if isinstance(expiration, bool) or not isinstance(expiration, int | float) or not math.isfinite(expiration):
+        raise MalformedAnswer(f"expiration is a {_kind(expiration)}, not a time in seconds")
+    left = expiration - wall
+    if left <= 0:
+        raise MalformedAnswer("the certificate's expiration has passed already: is this host's clock right?")
+    life = min(left, MAX_DURATION)
+    if lease is None:
+        return Lease(f"certificate {serial}", life, False, now, revocable=False, serial=serial)
+    return lease._replace(duration=min(life, lease.duration), renewable=False, serial=serial)
 
 
 def _lease_id(value: Any) -> str:

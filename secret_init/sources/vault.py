@@ -1,11 +1,14 @@
-"""`vault:PATH[#FIELD]` sources: one read per path, shared by every secret that names it.
+"""`vault:PATH[#FIELD]` sources: one request per path, shared by every secret that names it.
 
-One read per path means one lease per path: a username file and a password file from
-`database/creds/app` always belong to the same database user.
+One request per path means one lease per path: a username file and a password file from
+`database/creds/app` always belong to the same database user, and a certificate file and
+its key file from `pki/issue/web` (a path written with `params`) to the same certificate.
 """
 
 import json
+import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -46,14 +49,14 @@ class VaultSource:
             groups.setdefault(spec.source.path, []).append(spec)
         for path, group in groups.items():
             try:
-                secret = self.client.read(path, f"for {', '.join(s.name for s in group)}", self.max_size)
+                secret = self._fetch(path, group)
             except VaultUnavailableError as e:
                 reading.failures.append((group[0], e))
                 break  # the next paths would each wait out the same outage
             except SecretInitError as e:
                 reading.failures.append((group[0], e))
                 continue
-            if secret.lease is not None:
+            if secret.lease is not None and secret.lease.revocable:
                 self.issued.append(secret.lease.lease_id)
             interrupt.checkpoint()  # between reads: what this one issued is known, so it is revoked
             try:
@@ -62,17 +65,30 @@ class VaultSource:
                 reading.failures.append((group[0], e))
         return reading
 
+    def _fetch(self, path: str, group: list[SecretSpec]) -> "VaultSecret":
+        """Read the path, or write it when its secrets carry params (the config made them all equal)."""
+        assert self.client is not None
+        purpose = f"for {', '.join(s.name for s in group)}"
+        params = group[0].params
+        if params is None:
+            return self.client.read(path, purpose, self.max_size)
+        body = {key: list(value) if isinstance(value, tuple) else value for key, value in params}
+        return self.client.write(path, body, purpose, self.max_size)
+
     def _render_group(self, secret: "VaultSecret", group: list[SecretSpec]) -> list[Material]:
         """Every secret of one path, or none: half a set is no use."""
         lease = secret.lease
         log.info(
-            "vault read",
+            "vault write" if group[0].written else "vault read",
             path=secret.path,
             fields=len(secret.fields),
-            lease_id=lease.lease_id if lease else None,
+            lease_id=lease.lease_id if lease and lease.revocable else None,
             lease_duration=lease.duration if lease else None,
             renewable=lease.renewable if lease else None,
         )
+        if lease is not None and lease.serial is not None:
+            expires = datetime.fromtimestamp(time.time() + lease.duration, UTC).isoformat(timespec="seconds")
+            log.info("certificate issued", path=secret.path, serial=lease.serial, expires_at=expires)
         for warning in secret.warnings:
             log.warning("vault warning", path=secret.path, warning=warning)
         rendered = []
@@ -104,5 +120,9 @@ def render(spec: SecretSpec, secret: "VaultSecret") -> bytes:
 
 
 def field_text(value: Any) -> str:
-    """Strings as they are; numbers, booleans, lists and objects as JSON."""
-    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    """Strings as they are; a list of PEM blocks (a `ca_chain`) as a PEM bundle; the rest as JSON."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) and v.startswith("-----BEGIN ") for v in value):
+        return "".join(v if v.endswith("\n") else v + "\n" for v in value)
+    return json.dumps(value, sort_keys=True)
