@@ -7,11 +7,12 @@ import structlog
 from secret_init import execute, interrupt, privileges
 from secret_init.config import Config
 from secret_init.materialize import materialize, revoked_on_failure
+from secret_init.metrics import NO_METRICS, Recorder
 
 
-def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> int:
+def run(cfg: Config, command: list[str], environ: Mapping[str, str], metrics: Recorder = NO_METRICS) -> int:
     """Materialize, then exec the app as its user; or, with leases or `supervise`, supervise it."""
-    done = materialize(cfg, environ, for_app=True, keep_client=True)
+    done = materialize(cfg, environ, for_app=True, keep_client=True, metrics=metrics)
     with revoked_on_failure(done):  # until the loop owns the leases, or the app is exec'd
         file_vars = {s.env: cfg.file_path(s) for s in cfg.secrets if s.env}
         user_env = done.user.environment() if privileges.is_root() else {}
@@ -21,10 +22,13 @@ def run(cfg: Config, command: list[str], environ: Mapping[str, str]) -> int:
         if cfg.process.supervise or done.leased:
             from secret_init.loop import Supervised
 
-            supervised = Supervised(cfg, done, command, env)
+            supervised = Supervised(cfg, done, command, env, metrics=metrics)
         else:
             if done.client is not None:
                 done.client.revoke_own_token()
+            if metrics is not NO_METRICS:
+                metrics.close()  # the port is the app's to use now
+                structlog.get_logger().info("metrics not served", reason="nothing to renew: the app is exec'd")
             interrupt.restore_defaults()  # from here a stop ends us as it would end the app
             interrupt.checkpoint()
     if cfg.process.supervise or done.leased:

@@ -179,13 +179,18 @@ def _dispatch(args: "argparse.Namespace") -> int:
         from secret_init.check import check
 
         return check(cfg, os.environ, sys.stdout)
+    if args.command == "render":
+        from secret_init import app
+
+        app.render(cfg, os.environ)
+        return 0
+    from secret_init.metrics import open_recorder
+
+    metrics = open_recorder(cfg)  # bound before any Vault request: a port in use fails the start first
     if args.command == "sidecar":
         from secret_init.loop import sidecar
 
-        return sidecar(cfg, os.environ)
+        return sidecar(cfg, os.environ, metrics)
     from secret_init import app
 
-    if args.command == "render":
-        app.render(cfg, os.environ)
-        return 0
-    return app.run(cfg, command, os.environ)
+    return app.run(cfg, command, os.environ, metrics)

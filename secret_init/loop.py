@@ -24,6 +24,7 @@ from secret_init import interrupt, privileges, status
 from secret_init.config import Config
 from secret_init.errors import ExitCode, SecretInitError
 from secret_init.materialize import Materialized, materialize, output_files, revoked_on_failure
+from secret_init.metrics import NO_METRICS, LeaseTimes, Recorder
 from secret_init.model import Material
 from secret_init.renewal import Refresh, Renewer, Rotate, rotate_at
 from secret_init.sink import Owner
@@ -35,11 +36,11 @@ log = structlog.get_logger()
 TICK = 1.0  # reap and refresh status.json at least this often
 
 
-def sidecar(cfg: Config, environ: Mapping[str, str]) -> int:
+def sidecar(cfg: Config, environ: Mapping[str, str], metrics: Recorder = NO_METRICS) -> int:
     """Materialize, then stay: the same renewal, rotation and refresh, with no child."""
-    done = materialize(cfg, environ, for_app=False, keep_client=True)
+    done = materialize(cfg, environ, for_app=False, keep_client=True, metrics=metrics)
     with revoked_on_failure(done):  # until the loop owns the leases
-        supervised = Supervised(cfg, done, None, {})
+        supervised = Supervised(cfg, done, None, {}, metrics=metrics)
     return supervised.run()
 
 
@@ -52,6 +53,7 @@ class Supervised:
         env: Mapping[str, str],
         clock: Callable[[], float] = time.monotonic,
         threaded: bool = True,  # False: the caller steps the renewer (scripted-clock tests)
+        metrics: Recorder = NO_METRICS,
     ) -> None:
         """`command` None is the sidecar: no child; SIGTERM or SIGINT ends it."""
         self.cfg = cfg
@@ -60,6 +62,7 @@ class Supervised:
         self.env = env
         self.clock = clock
         self.threaded = threaded
+        self.metrics = metrics
         self.events: SimpleQueue[object] = SimpleQueue()
         self.supervisor = Supervisor(self.events, clock)
         self.client = done.client
@@ -124,6 +127,7 @@ class Supervised:
             self.supervisor.stop_leftovers(self.cfg.process.stop_timeout)
         self._shutdown_vault()
         self._write_status(state="stopped")
+        self.metrics.close()
 
     def exit_code(self) -> int:
         if self.forced_exit is not None:
@@ -218,8 +222,9 @@ class Supervised:
             return
         self.client.end_startup()
         self.renewer = Renewer(
-            self.client, self.events.put, self.cfg.process.rotate_before, self.cfg.vault.refresh_interval, self.clock
-        )
+            self.client, self.events.put, self.cfg.process.rotate_before, self.cfg.vault.refresh_interval, self.clock,
+            metrics=self.metrics,
+        )  # fmt: skip
         leased = {m.spec.source.path: m.lease for m in self.done.materials if m.lease}
         for path, lease in leased.items():
             self.renewer.track(path, lease)  # first: if the lookup fails, shutdown revokes them
@@ -248,6 +253,7 @@ class Supervised:
         revocable = old is None or old.revocable  # a certificate without a Vault lease has nothing to revoke
         fresh = self._read(path, "rotation")
         if fresh is None:
+            self.metrics.rotation(ok=False)
             self.renewer.rotation_failed(path)
             return
         new = fresh[0].lease
@@ -257,6 +263,7 @@ class Supervised:
             log.error("rotation could not write files", path=path, error=str(e))
             if new is not None and new.revocable:
                 self._revoke(new.lease_id)
+            self.metrics.rotation(ok=False)
             self.renewer.rotation_failed(path)
             return
         if new is not None:
@@ -267,6 +274,7 @@ class Supervised:
             "lease rotated", path=path, reason=reason, old_lease=old_lease_id, new_lease=new.lease_id if new else None
         )
         restarted = self._apply_on_rotate() if changed else False
+        self.metrics.rotation(ok=True)
         if not revocable:
             return
         if restarted:  # the old app is gone: nothing uses the old credentials
@@ -341,28 +349,37 @@ class Supervised:
             # The app alone: a reload signal is its to pass on, not its children's to die of.
             self.supervisor.signal_app(self.cfg.process.rotate_signal)
             return False
-        process = self.cfg.process
-        return self.supervisor.restart(self.command, self.env, self.app_user, process.stop_signal, process.stop_timeout)
+        stop_signal, stop_timeout = self.cfg.process.stop_signal, self.cfg.process.stop_timeout
+        restarted = self.supervisor.restart(self.command, self.env, self.app_user, stop_signal, stop_timeout)
+        if restarted:
+            self.metrics.app_restart()
+        return restarted
 
     # -- status ---------------------------------------------------------------------------
 
     def _write_status(self, state: str = "running") -> None:
         wall = time.time() - self.clock()  # monotonic to wall, for people only
         views = {}
+        times = {}
         if self.renewer is not None:
             for path, lease in self.renewer.snapshot().items():
+                due = rotate_at(lease, self.cfg.process.rotate_before) + wall if lease.probed else None
+                times[path] = LeaseTimes(lease.issued_at + wall, lease.expires_at + wall, lease.deadline + wall, due)
                 views[path] = status.LeaseView(
                     lease_id=lease.lease_id,
                     expires_at=lease.expires_at + wall,
                     deadline=lease.deadline + wall,
                     # Unprobed: its deadline is provisional, and its probe comes first.
-                    rotate_at=rotate_at(lease, self.cfg.process.rotate_before) + wall if lease.probed else None,
+                    rotate_at=due,
                     last_renewal=lease.last_renewal + wall if lease.last_renewal is not None else None,
                     last_rotation=lease.rotated_at + wall if lease.rotated_at is not None else None,
                     rotating=lease.rotating,
                     revocable=lease.revocable,
                     serial=lease.serial,
                 )
+        token = self.renewer.token if self.renewer is not None else None
+        expires = token is not None and token.known and token.ttl > 0  # a TTL of 0: a token that never expires
+        self.metrics.publish(times, token.expires_at + wall if token is not None and expires else None)
         doc = status.build(self.cfg, views, os.getpid(), self.supervisor.pid, time.time(), state)
         # Rewrite only on change; updated_at alone does not count.
         key = {k: v for k, v in doc.items() if k != "updated_at"}

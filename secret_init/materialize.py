@@ -13,6 +13,7 @@ import structlog
 from secret_init import interrupt, privileges
 from secret_init.config import Config, SecretSpec
 from secret_init.errors import PermissionRefusedError
+from secret_init.metrics import NO_METRICS, Recorder
 from secret_init.model import Material
 from secret_init.privileges import AppUser
 from secret_init.sink import OutputFile, Owner, Sink, WriteResult
@@ -42,7 +43,9 @@ class Materialized(NamedTuple):
         return any(m.lease for m in self.materials)
 
 
-def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_client: bool = False) -> Materialized:
+def materialize(
+    cfg: Config, environ: Mapping[str, str], for_app: bool, keep_client: bool = False, metrics: Recorder = NO_METRICS
+) -> Materialized:
     """Read every secret, then write them all; nothing is written if any read fails."""
     user = app_user(cfg, for_app)
     owners = {s.name: file_owner(s, user) for s in cfg.secrets}
@@ -51,7 +54,7 @@ def materialize(cfg: Config, environ: Mapping[str, str], for_app: bool, keep_cli
     sink.prepare()
     owner_lock = sink.claim()  # before any lease exists: one output dir, one lease owner
     files = FileSource(cfg.swarm_dir, cfg.output.max_secret_size)
-    vault = VaultSource(lambda: vault_login(cfg, environ), cfg.output.max_secret_size)
+    vault = VaultSource(lambda: vault_login(cfg, environ, metrics), cfg.output.max_secret_size)
     try:
         # Local files first: cheap, and a mistake there is reported even when Vault is down.
         reading = read_all(cfg.secrets, [(("swarm", "file"), files), (("vault",), vault)])
@@ -97,10 +100,10 @@ def revoke_all(client: "VaultClient", lease_ids: Iterable[str]) -> None:
     client.revoke_own_token()
 
 
-def vault_login(cfg: Config, environ: Mapping[str, str]) -> "VaultClient":
+def vault_login(cfg: Config, environ: Mapping[str, str], metrics: Recorder = NO_METRICS) -> "VaultClient":
     from secret_init.vault import VaultClient
 
-    client = VaultClient(cfg.vault, environ, sleep=interrupt.sleep)  # a stop ends a retry wait
+    client = VaultClient(cfg.vault, environ, sleep=interrupt.sleep, metrics=metrics)  # a stop ends a retry wait
     client.login()
     return client
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 import structlog
 
 from secret_init.errors import SecretInitError
+from secret_init.metrics import NO_METRICS, Recorder
 
 if TYPE_CHECKING:
     from secret_init.model import Lease
@@ -336,8 +337,10 @@ class Renewer(threading.Thread):
         refresh_interval: float,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
+        metrics: Recorder = NO_METRICS,
     ) -> None:
         super().__init__(name="secret-init-renewer", daemon=True)
+        self.metrics = metrics
         self.client = client
         self.post = post
         self.configured_rotate_before = rotate_before
@@ -488,6 +491,7 @@ class Renewer(threading.Thread):
         except SecretInitError as e:
             self._renewal_failed(lease, e)
             return
+        self.metrics.renewal(ok=True)
 
         def probed_state(state: LeaseState) -> tuple[LeaseState, LeaseState]:
             probed = after_probe(state, sent, max_remaining, ttl, self.rng)
@@ -510,11 +514,13 @@ class Renewer(threading.Thread):
         except SecretInitError as e:
             self._renewal_failed(lease, e)
             return
+        self.metrics.renewal(ok=True)
         now = self.clock()
         if self._update(lease, lambda s: (after_renewal(s, now, ttl, self.rng), True)):
             log.info("lease renewed", lease_id=lease.lease_id, ttl=ttl)
 
     def _renewal_failed(self, lease: LeaseState, error: SecretInitError) -> None:
+        self.metrics.renewal(ok=False)
         if error.exit_code == 69:  # Vault unreachable: keep trying until the deadline
             log.warning("lease renewal failed, retrying", lease_id=lease.lease_id, error=str(error))
             now = self.clock()
@@ -554,8 +560,11 @@ class Renewer(threading.Thread):
             else:
                 ttl = self.client.renew_token(self.token.ttl)
                 self.token = token_renewed(self.token, self.clock(), ttl, self.rng)
+                self.metrics.renewal(ok=True)
                 log.info("token renewed", ttl=ttl)
         except SecretInitError as e:
+            if action == "renew":
+                self.metrics.renewal(ok=False)
             self.token = token_failed(self.token, action, now, self.rng)
             log.warning("vault token request failed, retrying", action=action, error=str(e))
 
@@ -602,8 +611,10 @@ class Renewer(threading.Thread):
                 try:
                     ttl = self.client.renew_retired(retired, state.ttl)
                     state = token_renewed(state, self.clock(), ttl, self.rng)
+                    self.metrics.renewal(ok=True)
                     log.debug("previous token renewed", ttl=ttl)
                 except SecretInitError as e:
+                    self.metrics.renewal(ok=False)
                     if e.exit_code != 69:  # refused: no retry mends that; its leases are rotated or die with it
                         log.warning("previous vault token renewal refused; letting it go", error=str(e))
                         self.client.release(retired)

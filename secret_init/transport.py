@@ -21,6 +21,7 @@ import io
 import re
 import socket
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 from urllib.parse import urljoin, urlsplit
@@ -237,6 +238,8 @@ class VaultSession(requests.Session):
             raise ValueError("the Vault address must be http(s)://host[:port]")
         self.home = home
         self.budget = budget
+        # Told of every request, answered or not: (method, url, seconds). Set by the client for metrics.
+        self.observe: Callable[[str, str, float], None] | None = None
         self.max_redirects = MAX_REDIRECTS
         self.headers["Accept-Encoding"] = "identity"  # what is counted is what is parsed
         self.hooks["response"].append(self._refuse_foreign_redirect)
@@ -253,6 +256,14 @@ class VaultSession(requests.Session):
         self.adapter.cap = value
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        started = time.monotonic()
+        try:
+            return self._request(method, url, *args, **kwargs)
+        finally:
+            if self.observe is not None:
+                self.observe(str(method), str(url), time.monotonic() - started)
+
+    def _request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         seconds = max(self.budget(), 0.001)
         kwargs["timeout"] = seconds  # each connect and recv, below the whole-request deadline
         with Deadline(seconds) as deadline:

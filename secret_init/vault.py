@@ -33,6 +33,7 @@ from secret_init.errors import (
     SourceError,
     VaultUnavailableError,
 )
+from secret_init.metrics import NO_METRICS, Recorder
 from secret_init.model import Lease
 from secret_init.redaction import REDACTOR
 from secret_init.sources.files import read_regular_file
@@ -201,6 +202,7 @@ class VaultClient:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         wall: Callable[[], float] = time.time,  # only to read a certificate's expiration, a wall time
+        metrics: Recorder = NO_METRICS,
     ) -> None:
         if cfg.addr is None:
             raise ConfigError("vault: no address; set [vault] addr, VAULT_ADDR or BAO_ADDR")
@@ -217,6 +219,8 @@ class VaultClient:
         self._unwrapped: str | None = None  # a wrapped secret_id, once unwrapped: memory is its only copy
         self._lock = threading.RLock()  # the renewer thread and the main loop share one session
         self.session = _session(cfg, environ, self._budget)
+        if metrics is not NO_METRICS:
+            self.session.observe = lambda method, url, seconds: metrics.vault_request(operation(method, url), seconds)
         self._cert: CertCopy | None = None  # the current token's login certificate, when one is configured
         self.client = self._hvac("", None)
         if cfg.client_cert and cfg.addr.startswith("http://"):
@@ -645,6 +649,32 @@ def _session(cfg: VaultConfig, environ: Mapping[str, str], budget: Callable[[], 
     session.proxies = requests.utils.get_environ_proxies(cfg.addr)
     session.verify = cfg.ca_cert or environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or True
     return session
+
+
+_OPERATIONS = {
+    "sys/leases/renew": "renew_lease",
+    "sys/renew": "renew_lease",
+    "sys/leases/revoke": "revoke_lease",
+    "sys/revoke": "revoke_lease",
+    "sys/leases/lookup": "lookup_lease",
+    "auth/token/lookup-self": "lookup_token",
+    "auth/token/renew-self": "renew_token",
+    "auth/token/revoke-self": "revoke_token",
+    "sys/wrapping/unwrap": "unwrap",
+    "sys/wrapping/lookup": "lookup_wrapping",
+    "sys/capabilities-self": "capabilities",
+}
+
+
+def operation(method: str, url: str) -> str:
+    """A request's kind for the duration histogram: a fixed name, never a path or an id."""
+    path = urlsplit(url).path.removeprefix("/v1/").rstrip("/")
+    if path.startswith("auth/") and path.endswith("/login"):
+        return "login"
+    for prefix, name in _OPERATIONS.items():
+        if path == prefix or path.startswith(prefix + "/"):
+            return name
+    return {"GET": "read", "POST": "write", "PUT": "write"}.get(method.upper(), "other")
 
 
 def _outcome_error(state: tenacity.RetryCallState) -> str:

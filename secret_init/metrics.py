@@ -1,0 +1,58 @@
+"""What is measured: the `Recorder` that the renewer, the loop and the Vault transport report to.
+
+Without `[metrics]` it is `NO_METRICS`, which records nothing, so prometheus-client is never
+imported. With it, `open_recorder` makes the exporter (secret_init/exporter.py), which binds
+the listen address before anything is read from Vault and serves from its own thread.
+"""
+
+from collections.abc import Mapping
+from typing import NamedTuple
+
+import structlog
+
+from secret_init.config import Config
+
+
+class LeaseTimes(NamedTuple):
+    """One tracked lease or certificate, in Unix seconds, as the gauges show it."""
+
+    issued: float
+    expiry: float
+    deadline: float
+    rotation_due: float | None  # None while its max TTL is not known
+
+
+class Recorder:
+    """What the renewer, the loop and the Vault client report. This one records nothing."""
+
+    def vault_request(self, operation: str, seconds: float) -> None:
+        """One HTTP request to Vault, answered or not, by operation (never by path)."""
+
+    def renewal(self, ok: bool) -> None:
+        """A lease or token renewal (a max-TTL probe counts as one)."""
+
+    def rotation(self, ok: bool) -> None:
+        """A rotation: new credentials issued and written, or a failure to."""
+
+    def app_restart(self) -> None:
+        """The app was restarted for new credentials."""
+
+    def publish(self, leases: Mapping[str, LeaseTimes], token_expiry: float | None) -> None:
+        """The leases now tracked, by path, and the token's expiry (None: unknown or never)."""
+
+    def close(self) -> None:
+        """Stop serving and free the port."""
+
+
+NO_METRICS = Recorder()
+
+
+def open_recorder(cfg: Config) -> Recorder:
+    """The exporter when [metrics] listen is set, bound and serving; else NO_METRICS."""
+    if cfg.metrics.listen is None:
+        return NO_METRICS
+    from secret_init.exporter import Metrics
+
+    metrics = Metrics(cfg.metrics.listen)
+    structlog.get_logger().info("metrics served", listen=str(cfg.metrics.listen))
+    return metrics
