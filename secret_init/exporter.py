@@ -9,6 +9,7 @@ a renewal or rotation. Labels are paths and operation names only, never a secret
 lease id.
 """
 
+import contextlib
 import errno
 import socket
 import socketserver
@@ -129,7 +130,23 @@ class _LeaseGauges:
 
 
 class _Handler(WSGIRequestHandler):
+    """One scrape, cut off CLIENT_TIMEOUT after it connected however it drips: the per-read
+    timeout alone would let a byte every few seconds hold the one serving thread, and with
+    it the shutdown at exit."""
+
     timeout = CLIENT_TIMEOUT
+
+    def handle(self) -> None:
+        cutoff = threading.Timer(CLIENT_TIMEOUT, self._cut)
+        cutoff.start()
+        try:
+            super().handle()
+        finally:
+            cutoff.cancel()
+
+    def _cut(self) -> None:
+        with contextlib.suppress(OSError):
+            self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read or write returns at once
 
     def log_message(self, format: str, *args: Any) -> None:
         """No access log: secret-init's stderr is for its own events."""
