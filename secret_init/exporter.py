@@ -18,6 +18,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
+import prometheus_client as prom
+from prometheus_client.core import GaugeMetricFamily
+
 from secret_init.config import Listen
 from secret_init.errors import ConfigError, ExitCode, SecretInitError
 from secret_init.metrics import LeaseTimes, Recorder
@@ -30,8 +33,6 @@ class Metrics(Recorder):
     """The metrics of one process, served on `listen` from the moment it is made."""
 
     def __init__(self, listen: Listen) -> None:
-        import prometheus_client as prom
-
         prom.disable_created_metrics()  # type: ignore[no-untyped-call] # no *_created series: nothing alerts on them
         self.registry = prom.CollectorRegistry()
         self._renewals = prom.Counter(
@@ -92,8 +93,6 @@ class _LeaseGauges:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Any]:
-        from prometheus_client.core import GaugeMetricFamily
-
         leases, token_expiry = self.metrics.snapshot()
         families = {
             "issued": GaugeMetricFamily(

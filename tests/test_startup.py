@@ -10,7 +10,16 @@ from pathlib import Path
 import pytest
 
 from secret_init import cli
-from tests.conftest import REPO, UnixUser, base_env, log_events, needs_root, random_secret, write_config
+from tests.conftest import (
+    REPO,
+    UnixUser,
+    base_env,
+    free_port,
+    log_events,
+    needs_root,
+    random_secret,
+    write_config,
+)
 
 
 def test_help_lists_every_command_and_follows_columns(tmp_path: Path) -> None:
@@ -145,6 +154,38 @@ def test_a_supervisor_imports_nothing_once_the_app_runs(tmp_path: Path, app_user
     assert result.returncode == 3, result.stderr
     events = [e["event"] for e in log_events(result.stderr)]
     assert "app exited" in events and "supervisor exiting" in events
+    imports = json.loads(report.read_text())
+    assert imports["started"], "the hook saw the app start"
+    assert imports["late"] == [], f"imported as root after the app started: {imports['late']}"
+
+
+SCRAPE_THEN_EXIT = """
+import sys, urllib.request
+body = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=10).read().decode()
+sys.exit(3 if "secret_init_rotations_total" in body else 9)
+"""
+
+
+@pytest.mark.hostile("app-user")
+@needs_root
+def test_a_supervisor_serving_metrics_imports_nothing_once_the_app_runs(tmp_path: Path, app_user: UnixUser) -> None:
+    """The exporter (prometheus-client, wsgiref, the HTTP parsing of a scrape) is imported before the app starts."""
+    (tmp_path / "s").write_text(random_secret())
+    port = free_port()
+    out = tmp_path / "out"
+    cfg = write_config(
+        tmp_path,
+        f'[output]\ndir = "{out}"\nuser = "{app_user.name}"\nallow_non_tmpfs = true\n'
+        f'[process]\nsupervise = true\n[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        f'[[secret]]\nname = "s"\nsource = "file:{tmp_path / "s"}"\n',
+    )
+    report = tmp_path / "imports.json"
+    result = subprocess.run(
+        [sys.executable, "-c", IMPORTS_AFTER_THE_APP_STARTS, str(report), "run", "--config", str(cfg), "--",
+         "/usr/bin/python3", "-c", SCRAPE_THEN_EXIT, str(port)],
+        cwd=REPO, capture_output=True, text=True, check=False, env=base_env(PYTHONPATH=str(REPO)), timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr  # 3: the app's scrape was answered with the metrics
     imports = json.loads(report.read_text())
     assert imports["started"], "the hook saw the app start"
     assert imports["late"] == [], f"imported as root after the app started: {imports['late']}"
