@@ -361,7 +361,8 @@ class Renewer(threading.Thread):
 
     def track(self, path: str, lease: "Lease", rotated_at: float | None = None) -> None:
         """Follow a new lease for `path`, replacing the old one. No Vault call: the thread probes later."""
-        token_deadline = self.token.deadline
+        # A certificate without a Vault lease does not die with the token that issued it.
+        token_deadline = self.token.deadline if lease.revocable else FAR
         if lease.renewable:
             state = unprobed_lease(
                 path, lease.lease_id, lease.duration, lease.issued_at, token_deadline,
@@ -582,7 +583,8 @@ class Renewer(threading.Thread):
     def _cap_leases_by_token(self) -> None:
         with self._lock:  # every lease so far was made with this, the first, token
             for path, lease in self._leases.items():
-                self._leases[path] = capped_by_token(lease, self.token.deadline, self.configured_rotate_before)
+                if lease.revocable:  # a certificate without a Vault lease outlives the token
+                    self._leases[path] = capped_by_token(lease, self.token.deadline, self.configured_rotate_before)
 
     def _relogin(self, now: float) -> None:
         previous, state = self.client.relogin(), self.token

@@ -260,6 +260,25 @@ def test_an_owned_token_is_renewed_then_logged_in_again_halfway_to_its_max_ttl()
     assert leases["database/creds/other"].token_deadline == 89.0
 
 
+def test_a_certificate_without_a_vault_lease_is_not_capped_by_the_token_but_one_with_a_lease_is() -> None:
+    """Token max 60 s, certificates of 600 s: the lease-less one rotates by its NotAfter, the leased one by the token.
+
+    Capping the first by the token would rotate it at every re-login instead of once per certificate life.
+    """
+    clock = Clock()
+    vault = FakeVault(clock, TokenInfo(20.0, True, 60.0))
+    vault.owns_token = True
+    renewer, _ = new_renewer(vault, clock)
+    renewer.track("pki/issue/web", Lease("certificate 1a", 600.0, False, 0.0, revocable=False, serial="1a"))
+    renewer.track("pki/issue/leased", Lease("pki/issue/leased/x", 600.0, False, 0.0, serial="2b"))
+    renewer.look_up_token()  # its limits come after both were tracked, as at a start
+    renewer.track("pki/issue/later", Lease("certificate 3c", 600.0, False, 0.0, revocable=False, serial="3c"))
+    leases = renewer.snapshot()
+    assert leases["pki/issue/web"].deadline == leases["pki/issue/later"].deadline == 600.0
+    assert leases["pki/issue/leased"].deadline == 60.0 - TTL_GRANULARITY
+    assert not leases["pki/issue/web"].revocable and leases["pki/issue/leased"].revocable
+
+
 def test_the_token_a_relogin_replaced_is_renewed_until_its_own_deadline_then_let_go() -> None:
     """Vault revokes a token's leases when it expires: the replaced token lives on until its max TTL.
 
