@@ -6,13 +6,15 @@ sys/capabilities-self whether each path may be read, or written for one with `pa
 before it returns. A wrapped secret_id is only looked up: unwrapping it would spend it.
 """
 
+import errno
 import os
+import socket
 import stat
 from collections.abc import Mapping
 from typing import NamedTuple, TextIO
 
 from secret_init import fsinfo, privileges
-from secret_init.config import Config, SecretSpec
+from secret_init.config import Config, Listen, SecretSpec
 from secret_init.errors import ExitCode, SecretInitError
 from secret_init.materialize import app_user, file_owner
 from secret_init.redaction import REDACTOR
@@ -45,6 +47,8 @@ def check_rows(cfg: Config, environ: Mapping[str, str]) -> list[Row]:
     user_row, user = _check_user(cfg)
     rows.append(user_row)
     rows.append(_check_output_dir(cfg))
+    if cfg.metrics.listen is not None:
+        rows.append(_check_metrics(cfg.metrics.listen))
     vault_problem, capabilities = _check_vault(cfg, environ)
     if vault_problem is not None:
         rows.append(vault_problem)
@@ -75,6 +79,19 @@ def _check_output_dir(cfg: Config) -> Row:
     if not fs.in_memory and not cfg.output.allow_non_tmpfs:
         return row(f"on {fs.describe()}, not tmpfs or ramfs", ExitCode.NO_PERMISSION)
     return row()
+
+
+def _check_metrics(listen: Listen) -> Row:
+    """Whether the metrics port can be bound now (bound and closed at once, as `run` would bind it)."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the exporter: TIME_WAIT is no conflict
+        try:
+            probe.bind((listen.host, listen.port))
+        except OSError as e:
+            code = ExitCode.CANT_CREATE if e.errno == errno.EADDRINUSE else ExitCode.CONFIG
+            return Row("(metrics)", str(listen), "-", "-", "-", f"cannot listen: {e.strerror}", code)
+    return Row("(metrics)", str(listen), "-", "-", "-")
 
 
 def _check_vault(cfg: Config, environ: Mapping[str, str]) -> tuple[Row | None, dict[str, list[str]] | None]:

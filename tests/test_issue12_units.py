@@ -6,6 +6,9 @@ The real OpenBao PKI and nginx are in test_pki.py, real scrapes in test_metrics.
 
 import json
 import math
+import re
+import socket
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -15,6 +18,7 @@ from secret_init.errors import ConfigError
 from secret_init.model import Lease
 from secret_init.sources.vault import field_text
 from secret_init.vault import MalformedAnswer, operation, parse_response
+from tests.conftest import free_port, run_cli, write_config
 
 ENV = {"VAULT_ADDR": "https://vault:8200"}
 PEM = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----"
@@ -225,3 +229,24 @@ def test_a_ca_chain_renders_as_a_pem_bundle_and_other_lists_as_json() -> None:
 )
 def test_each_request_is_named_by_operation_never_by_path(method: str, url: str, name: str) -> None:
     assert operation(method, url) == name
+
+
+def test_check_says_whether_the_metrics_port_can_be_bound(tmp_path: Path) -> None:
+    """`check` binds and closes the port as `run` would bind it: free is ok, taken is 73 with the reason."""
+    port = free_port()
+    (tmp_path / "s").write_text("x")
+    cfg = write_config(
+        tmp_path,
+        f'[output]\ndir = "{tmp_path / "out"}"\nallow_non_tmpfs = true\n[process]\nallow_root = true\n'
+        f'[metrics]\nlisten = "127.0.0.1:{port}"\n'
+        f'[[secret]]\nname = "s"\nsource = "file:{tmp_path / "s"}"\n',
+    )
+    free = run_cli("check", "--config", str(cfg))
+    assert free.returncode == 0, free.stdout + free.stderr
+    assert re.search(rf"\(metrics\)\s+127\.0\.0\.1:{port}\s.*\sok$", free.stdout, re.MULTILINE), free.stdout
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        busy = run_cli("check", "--config", str(cfg))
+    assert busy.returncode == 73, busy.stdout + busy.stderr
+    assert re.search(r"\(metrics\).*cannot listen: Address already in use", busy.stdout), busy.stdout
