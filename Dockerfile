@@ -1,18 +1,26 @@
-# secret-init as the ENTRYPOINT of an application image.
+# secret-init as the ENTRYPOINT of an application image. Built with BuildKit:
 #
-#   pip wheel . -w wheels && docker build .   # offline: installs only from ./wheels
-#   docker build .                             # installs from the package index
+#   pip wheel . -w wheels && DOCKER_BUILDKIT=1 docker build .   # offline: installs only from ./wheels
+#   DOCKER_BUILDKIT=1 docker build .                             # installs from the default package index
+#   DOCKER_BUILDKIT=1 docker build --secret id=pip_index_url,src=index-url.txt .
+#                                  # a private index: the file holds its URL, token included
 #
+# The index URL is a secret mount, never a build argument: it is read for the one RUN that
+# installs, and is in no layer, no image config and no `docker history` (docs/build-secrets.md).
 # BASE must provide python3 with the venv module; it is kept as the image's Python.
 ARG BASE=python:3.12-slim
 
 FROM ${BASE} AS build
 WORKDIR /src
 COPY . /src
-# From ./wheels with --no-index when the context has wheels, else from the index.
-RUN python3 -m venv /opt/secret-init \
+# From ./wheels with --no-index when the context has wheels; else from the index in the
+# pip_index_url secret when one is mounted; else from the default index.
+RUN --mount=type=secret,id=pip_index_url \
+    python3 -m venv /opt/secret-init \
  && if ls wheels/secret_init-*.whl >/dev/null 2>&1; then \
         /opt/secret-init/bin/pip install --no-cache-dir --no-index --find-links wheels wheels/secret_init-*.whl; \
+    elif [ -s /run/secrets/pip_index_url ]; then \
+        PIP_INDEX_URL="$(cat /run/secrets/pip_index_url)" /opt/secret-init/bin/pip install --no-cache-dir /src; \
     else \
         /opt/secret-init/bin/pip install --no-cache-dir /src; \
     fi
@@ -22,6 +30,7 @@ FROM ${BASE}
 RUN echo 'app:x:10001:10001:app:/nonexistent:/usr/sbin/nologin' >> /etc/passwd \
  && echo 'app:x:10001:' >> /etc/group \
  && mkdir -p /etc/secret-init /usr/local/share/secret-init
+# Only the installed venv leaves the build stage.
 COPY --from=build /opt/secret-init /opt/secret-init
 RUN ln -s /opt/secret-init/bin/secret-init /usr/local/bin/secret-init
 COPY scripts/demo-app.py /usr/local/share/secret-init/demo-app.py

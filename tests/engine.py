@@ -2,7 +2,9 @@
 
 No bridge, no iptables, no published ports: containers use host networking or none.
 The base image is made locally (mmdebstrap, then `docker import`), since no registry is
-reachable; its tar is cached in /var/cache/secret-init between runs.
+reachable; its tar is cached in /var/cache/secret-init between runs. Images are built with
+BuildKit (Debian's client, the engine's built-in Dockerfile frontend), which the Dockerfile's
+`RUN --mount=type=secret` needs.
 """
 
 import os
@@ -116,23 +118,49 @@ def base_tar() -> Path:
     return tar
 
 
-def build_image(engine: Engine, workdir: Path) -> str:
-    """`pip wheel . -w wheels && docker build .` offline, from a copy of the checkout."""
+def build_context(workdir: Path, wheels: bool = True) -> Path:
+    """A copy of the checkout's build context; with `wheels`, `pip wheel . -w wheels` as the Dockerfile documents."""
     context = workdir / "context"
     context.mkdir()
     for name in ("Dockerfile", ".dockerignore", "pyproject.toml", "README.md"):
         shutil.copy(REPO / name, context / name)
     for tree in ("secret_init", "scripts", "compose"):
         shutil.copytree(REPO / tree, context / tree, ignore=shutil.ignore_patterns("__pycache__"))
+    if wheels:
+        pip_wheel(context / "wheels", str(context))
+    return context
+
+
+def pip_wheel(dest: Path, *requirements: str) -> None:
+    """Wheels for `requirements` and all their dependencies, made with the test interpreter's pip."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--quiet", str(context), "-w", str(context / "wheels")],
+        [sys.executable, "-m", "pip", "wheel", "--quiet", *requirements, "-w", str(dest)],
         check=True, capture_output=True, timeout=600,
     )  # fmt: skip
+
+
+def import_base(engine: Engine) -> str:
     engine.docker("import", str(base_tar()), BASE_TAG, timeout=600)
-    result = subprocess.run(
-        [DOCKER, "build", "--network", "none", "--build-arg", f"BASE={BASE_TAG}", "-t", IMAGE_TAG, str(context)],
-        env={**engine.env(), "DOCKER_BUILDKIT": "0"}, capture_output=True, text=True, timeout=900, check=False,
+    return BASE_TAG
+
+
+def buildkit(engine: Engine, context: Path, *args: str, network: str = "none") -> subprocess.CompletedProcess[str]:
+    """`docker build` with BuildKit (Debian's client and the engine's built-in frontend: RUN --mount works).
+
+    No `# syntax=` line is needed, nor possible: pulling a frontend image needs a registry.
+    """
+    return subprocess.run(
+        [DOCKER, "build", "--progress", "plain", "--network", network, "--build-arg", f"BASE={BASE_TAG}",
+         *args, str(context)],
+        env={**engine.env(), "DOCKER_BUILDKIT": "1"}, capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
+
+
+def build_image(engine: Engine, workdir: Path) -> str:
+    """`pip wheel . -w wheels && docker build .` offline (`--network none`), from a copy of the checkout."""
+    context = build_context(workdir)
+    import_base(engine)
+    result = buildkit(engine, context, "-t", IMAGE_TAG)
     if result.returncode != 0:
         raise AssertionError(f"docker build failed: {result.stdout[-3000:]}{result.stderr[-2000:]}")
     return IMAGE_TAG
