@@ -358,7 +358,7 @@ def _param_value(key: str, item: object) -> "str | int | float | bool | tuple[st
         return item
     if isinstance(item, list) and all(isinstance(v, str | int) and not isinstance(v, bool) for v in item):
         return tuple(item)
-    return _reject(f"{key!r} must be a string, a number, a boolean or a list of strings, not {_kind(item)}")
+    return _reject(f"{key!r} must be a string, a number, a boolean or a list of strings or integers, not {_kind(item)}")
 
 
 def _kind(value: object) -> str:

@@ -56,7 +56,7 @@ def test_different_params_on_one_path_are_a_config_error_naming_params(first: st
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ("{ a = { b = 1 } }", "'a' must be a string, a number, a boolean or a list of strings, not a table"),
+        ("{ a = { b = 1 } }", "'a' must be a string, a number, a boolean or a list of strings or integers, not a table"),
         ("{ a = [1, true] }", "not a list of mixed values"),
         ("{ a = [[1]] }", "not a list of mixed values"),
         ("{ a = nan }", "not a number that is not finite"),

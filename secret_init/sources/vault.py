@@ -6,7 +6,6 @@ its key file from `pki/issue/web` (a path written with `params`) to the same cer
 """
 
 import json
-import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -24,6 +23,8 @@ if TYPE_CHECKING:
     from secret_init.vault import VaultClient, VaultSecret
 
 log = structlog.get_logger()
+
+MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime can show
 
 
 class VaultSource:
@@ -87,7 +88,8 @@ class VaultSource:
             renewable=lease.renewable if lease else None,
         )
         if lease is not None and lease.serial is not None:
-            expires = datetime.fromtimestamp(time.time() + lease.duration, UTC).isoformat(timespec="seconds")
+            not_after = secret.fields["expiration"]  # a finite number: parse_response checked it
+            expires = datetime.fromtimestamp(min(not_after, MAX_TIMESTAMP), UTC).isoformat(timespec="seconds")
             log.info("certificate issued", path=secret.path, serial=lease.serial, expires_at=expires)
         for warning in secret.warnings:
             log.warning("vault warning", path=secret.path, warning=warning)
