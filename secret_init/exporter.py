@@ -100,6 +100,11 @@ class _LeaseGauges:
                 "When each lease or certificate was issued.",
                 labels=["path"],
             ),
+            "renewed": GaugeMetricFamily(
+                "secret_init_lease_renewed_timestamp_seconds",
+                "When each lease was last renewed (or issued): what gave it its current expiry.",
+                labels=["path"],
+            ),
             "expiry": GaugeMetricFamily(
                 "secret_init_lease_expiry_timestamp_seconds",
                 "When each lease or certificate expires unless renewed.",

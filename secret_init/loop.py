@@ -364,7 +364,9 @@ class Supervised:
         if self.renewer is not None:
             for path, lease in self.renewer.snapshot().items():
                 due = rotate_at(lease, self.cfg.process.rotate_before) + wall if lease.probed else None
-                times[path] = LeaseTimes(lease.issued_at + wall, lease.expires_at + wall, lease.deadline + wall, due)
+                renewed = lease.last_renewal if lease.last_renewal is not None else lease.issued_at
+                deadline = lease.deadline + wall if lease.probed else None  # provisional until the probe
+                times[path] = LeaseTimes(lease.issued_at + wall, renewed + wall, lease.expires_at + wall, deadline, due)
                 views[path] = status.LeaseView(
                     lease_id=lease.lease_id,
                     expires_at=lease.expires_at + wall,

@@ -17,8 +17,9 @@ class LeaseTimes(NamedTuple):
     """One tracked lease or certificate, in Unix seconds, as the gauges show it."""
 
     issued: float
+    renewed: float  # its last renewal, or its issue: what gave it its current expiry
     expiry: float
-    deadline: float
+    deadline: float | None  # None while its max TTL is not known (it is provisional until then)
     rotation_due: float | None  # None while its max TTL is not known
 
 
