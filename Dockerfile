@@ -2,8 +2,8 @@
 #
 #   pip wheel . -w wheels && DOCKER_BUILDKIT=1 docker build .   # offline: installs only from ./wheels
 #   DOCKER_BUILDKIT=1 docker build .                             # installs from the default package index
-#   DOCKER_BUILDKIT=1 docker build --secret id=pip_index_url,src=index-url.txt .
-#                                  # a private index: the file holds its URL, token included
+#   DOCKER_BUILDKIT=1 docker build --secret id=pip_index_url,src=$HOME/.secrets/pip_index_url .
+#                                  # a private index: the file, outside the context, holds its URL
 #
 # The index URL is a secret mount, never a build argument: it is read for the one RUN that
 # installs, and is in no layer, no image config and no `docker history` (docs/build-secrets.md).

@@ -6,7 +6,6 @@ sys/capabilities-self whether each path may be read, or written for one with `pa
 before it returns. A wrapped secret_id is only looked up: unwrapping it would spend it.
 """
 
-import errno
 import os
 import socket
 import stat
@@ -83,14 +82,16 @@ def _check_output_dir(cfg: Config) -> Row:
 
 def _check_metrics(listen: Listen) -> Row:
     """Whether the metrics port can be bound now (bound and closed at once, as `run` would bind it)."""
-    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the exporter: TIME_WAIT is no conflict
-        try:
+    from secret_init.metrics import bind_error
+
+    try:
+        family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the exporter: TIME_WAIT is no conflict
             probe.bind((listen.host, listen.port))
-        except OSError as e:
-            code = ExitCode.CANT_CREATE if e.errno == errno.EADDRINUSE else ExitCode.CONFIG
-            return Row("(metrics)", str(listen), "-", "-", "-", f"cannot listen: {e.strerror}", code)
+    except OSError as e:  # creating the socket too: a kernel without IPv6
+        error = bind_error(listen, e)
+        return Row("(metrics)", str(listen), "-", "-", "-", str(error), error.exit_code)
     return Row("(metrics)", str(listen), "-", "-", "-")
 
 
@@ -141,8 +142,9 @@ def _vault_capability(spec: SecretSpec, caps: dict[str, list[str]] | None) -> tu
     granted = caps.get(spec.source.path)
     if granted is None:
         return ("not checked: vault login failed", ExitCode.UNAVAILABLE)
-    needed, verb = ({"update", "create"}, "write") if spec.written else ({"read"}, "read")
-    if "root" in granted or needed & set(granted):
+    # A POST to a path without an existence check (pki/issue/ROLE) is an update: create alone is refused.
+    needed, verb = ("update", "write") if spec.written else ("read", "read")
+    if "root" in granted or needed in granted:
         if spec.params is None:
             return None
         keys = ", ".join(key for key, _ in spec.params) or "none"

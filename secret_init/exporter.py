@@ -10,7 +10,6 @@ lease id.
 """
 
 import contextlib
-import errno
 import socket
 import socketserver
 import threading
@@ -22,8 +21,7 @@ import prometheus_client as prom
 from prometheus_client.core import GaugeMetricFamily
 
 from secret_init.config import Listen
-from secret_init.errors import ConfigError, ExitCode, SecretInitError
-from secret_init.metrics import LeaseTimes, Recorder
+from secret_init.metrics import LeaseTimes, Recorder, bind_error
 
 # A scrape's client must send each part of its request within this long, or it is dropped.
 CLIENT_TIMEOUT = 5.0
@@ -82,6 +80,10 @@ class Metrics(Recorder):
         return self._snapshot
 
     def close(self) -> None:
+        """Stop serving: the scrape in progress, if any, is cut rather than waited for."""
+        serving = self._server.serving
+        if serving is not None:
+            serving.cut()
         self._server.shutdown()
         self._server.server_close()
 
@@ -141,14 +143,22 @@ class _Handler(WSGIRequestHandler):
     timeout = CLIENT_TIMEOUT
 
     def handle(self) -> None:
-        cutoff = threading.Timer(CLIENT_TIMEOUT, self._cut)
+        cutoff = threading.Timer(CLIENT_TIMEOUT, self.cut)
         cutoff.start()
+        assert isinstance(self.server, _Server)
+        self.server.serving = self
         try:
             super().handle()
         finally:
+            self.server.serving = None
             cutoff.cancel()
 
-    def _cut(self) -> None:
+    def get_stderr(self) -> Any:
+        """Where wsgiref writes the traceback of an app error (prometheus-client raises on an odd Accept
+        header, say): nowhere. Any client may cause one; its 500 says enough, our log stays JSON."""
+        return _Discard()
+
+    def cut(self) -> None:
         with contextlib.suppress(OSError):
             self.connection.shutdown(socket.SHUT_RDWR)  # the blocked read or write returns at once
 
@@ -156,7 +166,17 @@ class _Handler(WSGIRequestHandler):
         """No access log: secret-init's stderr is for its own events."""
 
 
+class _Discard:
+    def write(self, text: str) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+
 class _Server(WSGIServer):
+    serving: _Handler | None = None  # the connection being served, for close() to cut
+
     def server_bind(self) -> None:
         # HTTPServer.server_bind would look the address up in DNS (getfqdn): not needed, and it may hang.
         socketserver.TCPServer.server_bind(self)
@@ -171,15 +191,11 @@ class _Server6(_Server):
     address_family = socket.AF_INET6
 
 
-def _bind(listen: Listen, app: Callable[..., Any]) -> WSGIServer:
+def _bind(listen: Listen, app: Callable[..., Any]) -> _Server:
     cls = _Server6 if ":" in listen.host else _Server
     try:
         server = cls((listen.host, listen.port), _Handler)
     except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise SecretInitError(f"[metrics] listen {listen}: address already in use", ExitCode.CANT_CREATE) from None
-        if e.errno == errno.EACCES:
-            raise SecretInitError(f"[metrics] listen {listen}: {e.strerror}", ExitCode.NO_PERMISSION) from None
-        raise ConfigError(f"[metrics] listen {listen}: {e.strerror}") from None
+        raise bind_error(listen, e) from None
     server.set_app(app)
     return server

@@ -257,6 +257,12 @@ class Supervised:
             self.renewer.rotation_failed(path)
             return
         new = fresh[0].lease
+        if new is None and path in self.cfg.written_paths:
+            # It issued a certificate or a lease before: an answer without one would end its rotation for good.
+            log.error("rotation got no certificate or lease", path=path)
+            self.metrics.rotation(ok=False)
+            self.renewer.rotation_failed(path)
+            return
         try:
             changed = self._write(fresh)
         except SecretInitError as e:

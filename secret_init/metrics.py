@@ -5,12 +5,14 @@ imported. With it, `open_recorder` makes the exporter (secret_init/exporter.py),
 the listen address before anything is read from Vault and serves from its own thread.
 """
 
+import errno
 from collections.abc import Mapping
 from typing import NamedTuple
 
 import structlog
 
-from secret_init.config import Config
+from secret_init.config import Config, Listen
+from secret_init.errors import ConfigError, ExitCode, SecretInitError
 
 
 class LeaseTimes(NamedTuple):
@@ -57,3 +59,13 @@ def open_recorder(cfg: Config) -> Recorder:
     metrics = Metrics(cfg.metrics.listen)
     structlog.get_logger().info("metrics served", listen=str(cfg.metrics.listen))
     return metrics
+
+
+def bind_error(listen: Listen, error: OSError) -> SecretInitError:
+    """The start-up error for a listen address that cannot be bound (the exporter and `check` alike)."""
+    where = f"[metrics] listen {listen}"
+    if error.errno == errno.EADDRINUSE:
+        return SecretInitError(f"{where}: address already in use", ExitCode.CANT_CREATE)
+    if error.errno == errno.EACCES:
+        return SecretInitError(f"{where}: {error.strerror} (a port under 1024 needs root)", ExitCode.NO_PERMISSION)
+    return ConfigError(f"{where}: {error.strerror}")  # not an address of this host, no IPv6, ...

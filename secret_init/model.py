@@ -4,6 +4,13 @@ from typing import NamedTuple
 
 from secret_init.config import SecretSpec
 
+MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last second a datetime can show
+# The parts of an issued certificate that every TLS client sees: not secrets, so not redacted
+# (a 2-letter private_key_type would otherwise be cut out of every log line).
+CERTIFICATE_PUBLIC = frozenset(
+    {"certificate", "issuing_ca", "ca_chain", "serial_number", "expiration", "private_key_type"}
+)
+
 
 class Hidden:
     """Secret bytes whose str and repr never show them."""

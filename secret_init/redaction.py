@@ -28,11 +28,16 @@ class Redactor:
 
     def add(self, secret: str | bytes) -> None:
         text = secret.decode("utf-8", "backslashreplace") if isinstance(secret, bytes) else secret
+        if text.startswith("-----BEGIN ") and "\n" in text:
+            # A PEM block from its first body line on: needles are indexed by their first characters,
+            # and every key and certificate starting "---" would share one index entry. The armor
+            # lines ("-----BEGIN RSA PRIVATE KEY-----") are public and left as they are.
+            text = text.split("\n", 1)[1]
         if not text:
             return
         forms = {text, json.dumps(text)[1:-1], repr(text)[1:-1]}
         lines = [line.strip() for line in text.splitlines()]
-        forms.update(line for line in lines if len(line) >= _MIN_LINE)
+        forms.update(line for line in lines if len(line) >= _MIN_LINE and not line.startswith("-----"))
         with self._lock:
             for form in forms:
                 self._add_form(form)

@@ -34,7 +34,7 @@ from secret_init.errors import (
     VaultUnavailableError,
 )
 from secret_init.metrics import NO_METRICS, Recorder
-from secret_init.model import Lease
+from secret_init.model import CERTIFICATE_PUBLIC, MAX_TIMESTAMP, Lease
 from secret_init.redaction import REDACTOR
 from secret_init.sources.files import read_regular_file
 from secret_init.transport import AnswerTooLarge, RedirectRefused, VaultSession, origin, safe_url
@@ -90,11 +90,6 @@ MAX_LEASE_ID = 512  # Vault's are a path and a 24-character id
 MAX_WARNINGS = 10  # a read's warnings that are logged, each cut to MAX_WARNING_CHARS
 MAX_WARNING_CHARS = 200
 MAX_DURATION = PROBE_INCREMENT  # a longer TTL is not an answer Vault gives (and overflows timers)
-# The parts of an issued certificate that every TLS client sees: not secrets, so not redacted
-# (a 2-letter private_key_type would otherwise be cut out of every log line).
-CERTIFICATE_PUBLIC = frozenset(
-    {"certificate", "issuing_ca", "ca_chain", "serial_number", "expiration", "private_key_type"}
-)
 
 
 class MalformedAnswer(Exception):
@@ -846,7 +841,7 @@ def parse_response(path: str, response: Mapping[str, Any], now: float, wall: flo
         raise MalformedAnswer("the response has no data object")
     data = _unwrap_kv2(data)
     issued = wall is not None and isinstance(data.get("certificate"), str) and "expiration" in data
-    _register_strings({k: v for k, v in data.items() if k not in CERTIFICATE_PUBLIC} if issued else data)
+    _register_strings(data, public=CERTIFICATE_PUBLIC if issued else frozenset())
     lease_id = _lease_id(response.get("lease_id") or "")
     lease = None
     if lease_id:
@@ -870,9 +865,15 @@ def certificate_lease(data: Mapping[str, Any], lease: Lease | None, now: float, 
     serial = data.get("serial_number")
     if not isinstance(serial, str) or not re.fullmatch(r"[0-9a-fA-F:]{1,128}", serial):
         raise MalformedAnswer("serial_number is not a hexadecimal serial")
+    for name in ("issuing_ca", "private_key_type"):
+        if not isinstance(data.get(name, ""), str):
+            raise MalformedAnswer(f"{name} is a {_kind(data[name])}, not a string")
+    string_list(data.get("ca_chain"), "ca_chain")
     expiration = data["expiration"]
-    if isinstance(expiration, bool) or not isinstance(expiration, int | float) or not math.isfinite(expiration):
+    if isinstance(expiration, bool) or not isinstance(expiration, int | float):
         raise MalformedAnswer(f"expiration is a {_kind(expiration)}, not a time in seconds")
+    if not 0 < expiration <= MAX_TIMESTAMP:  # compared as given: a 400-digit int never becomes a float
+        raise MalformedAnswer("expiration is not a time from 1970 to 9999 in seconds")
     left = expiration - wall
     if left <= 0:
         raise MalformedAnswer("the certificate's expiration has passed already: is this host's clock right?")
@@ -906,16 +907,17 @@ def _unwrap_kv2(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _register_strings(value: Any) -> None:
-    """Every string in the answer, for redaction; iterative, and refusing nesting no secret needs."""
-    pending = [(value, 0)]
+def _register_strings(data: dict[str, Any], public: frozenset[str]) -> None:
+    """Every string in the answer but its `public` fields, for redaction; iterative, and refusing
+    nesting no secret needs (in every field, public ones included)."""
+    pending = [(value, 1, key not in public) for key, value in data.items()]
     while pending:
-        item, depth = pending.pop()
+        item, depth, secret = pending.pop()
         if depth > MAX_NESTING:
             raise MalformedAnswer(f"the data is nested deeper than {MAX_NESTING} levels")
-        if isinstance(item, str):
+        if isinstance(item, str) and secret:
             REDACTOR.add(item)
         elif isinstance(item, dict):
-            pending.extend((v, depth + 1) for v in item.values())
+            pending.extend((v, depth + 1, secret) for v in item.values())
         elif isinstance(item, list):
-            pending.extend((v, depth + 1) for v in item)
+            pending.extend((v, depth + 1, secret) for v in item)

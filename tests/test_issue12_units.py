@@ -4,10 +4,16 @@ No service: these decide what a PKI answer becomes and what a scrape may be labe
 The real OpenBao PKI and nginx are in test_pki.py, real scrapes in test_metrics.py.
 """
 
+import contextlib
+import errno
 import json
 import math
 import re
 import socket
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +62,10 @@ def test_different_params_on_one_path_are_a_config_error_naming_params(first: st
 @pytest.mark.parametrize(
     ("params", "message"),
     [
-        ("{ a = { b = 1 } }", "'a' must be a string, a number, a boolean or a list of strings or integers, not a table"),
+        (
+            "{ a = { b = 1 } }",
+            "'a' must be a string, a number, a boolean or a list of strings or integers, not a table",
+        ),
         ("{ a = [1, true] }", "not a list of mixed values"),
         ("{ a = [[1]] }", "not a list of mixed values"),
         ("{ a = nan }", "not a number that is not finite"),
@@ -170,7 +179,12 @@ def test_a_read_with_certificate_fields_is_not_a_certificate() -> None:
         ({"expiration": int(WALL - 1)}, "has passed already"),
         ({"expiration": "tomorrow"}, "expiration is a string"),
         ({"expiration": True}, "expiration is a boolean"),
-        ({"expiration": math.nan}, "not a time in seconds"),
+        ({"expiration": math.nan}, "not a time from 1970 to 9999"),
+        ({"expiration": math.inf}, "not a time from 1970 to 9999"),
+        ({"expiration": 10**400}, "not a time from 1970 to 9999"),  # too big for a float: no OverflowError
+        ({"expiration": 1e300}, "not a time from 1970 to 9999"),
+        ({"ca_chain": [PEM, {"a": 1}]}, "ca_chain is not a list of strings"),
+        ({"issuing_ca": ["x"]}, "issuing_ca is a list, not a string"),
         ({"serial_number": "1a:2b\n[redacted]"}, "serial_number is not a hexadecimal serial"),
         ({"serial_number": "ab" * 100}, "serial_number is not a hexadecimal serial"),
         ({"serial_number": None}, "serial_number is not a hexadecimal serial"),
@@ -182,8 +196,16 @@ def test_a_malformed_certificate_answer_is_refused(data: dict[str, Any], message
 
 
 def test_a_far_expiration_is_capped_not_an_overflow() -> None:
-    lease = parse_response("pki/issue/web", issue_answer(expiration=1e300), NOW, WALL).lease
+    lease = parse_response("pki/issue/web", issue_answer(expiration=253402300799), NOW, WALL).lease
     assert lease is not None and lease.duration == 10**9
+
+
+def test_public_fields_are_held_to_the_nesting_limit_too() -> None:
+    deep: Any = "x"
+    for _ in range(40):
+        deep = [deep]
+    with pytest.raises(MalformedAnswer, match="nested deeper"):
+        parse_response("pki/issue/web", issue_answer(issuing_ca=deep), NOW, WALL)
 
 
 def test_the_private_key_is_redacted_and_the_public_parts_are_not() -> None:
@@ -192,7 +214,7 @@ def test_the_private_key_is_redacted_and_the_public_parts_are_not() -> None:
     key = "-----BEGIN EC PRIVATE KEY-----\nuniquekeymaterial0123456789\n-----END EC PRIVATE KEY-----"
     answer = issue_answer(private_key=key, serial_number="fe:dc:ba:98", private_key_type="qz")
     parse_response("pki/issue/web", answer, NOW, WALL)
-    assert REDACTOR.redact(f"k={key}") == "k=[redacted]"
+    assert REDACTOR.redact(f"k={key}") == "k=-----BEGIN EC PRIVATE KEY-----\n[redacted]"  # the armor is public
     assert REDACTOR.redact("uniquekeymaterial0123456789") == "[redacted]"  # one line of it, on its own
     shown = "serial fe:dc:ba:98 type qz"
     assert REDACTOR.redact(shown) == shown  # a 2-letter key type ("ec") would be cut out of every log line
@@ -249,4 +271,63 @@ def test_check_says_whether_the_metrics_port_can_be_bound(tmp_path: Path) -> Non
         taken.listen()
         busy = run_cli("check", "--config", str(cfg))
     assert busy.returncode == 73, busy.stdout + busy.stderr
-    assert re.search(r"\(metrics\).*cannot listen: Address already in use", busy.stdout), busy.stdout
+    assert re.search(r"\(metrics\).*listen 127\.0\.0\.1:\d+: address already in use", busy.stdout), busy.stdout
+
+
+# -- the exporter, in process: what a local client can do to it ----------------------------------
+
+
+@pytest.fixture
+def exporter(monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, int]]:
+    from secret_init import exporter as module
+
+    # So that only close() can end a held connection soon: the cut-off timer and the per-read timeout.
+    monkeypatch.setattr(module, "CLIENT_TIMEOUT", 60.0)
+    monkeypatch.setattr(module._Handler, "timeout", 60.0)
+    port = free_port()
+    metrics = module.Metrics(Listen("127.0.0.1", port))
+    yield metrics, port
+    metrics.close()
+
+
+def test_a_request_prometheus_client_cannot_answer_is_a_500_without_a_traceback(
+    exporter: tuple[Any, int], capfd: pytest.CaptureFixture[str]
+) -> None:
+    """`Accept: text/plain; version=x` makes prometheus-client raise; wsgiref would print the traceback to stderr."""
+    _, port = exporter
+    with socket.create_connection(("127.0.0.1", port)) as client:
+        client.sendall(b"GET /metrics HTTP/1.0\r\nAccept: text/plain; version=x\r\n\r\n")
+        answer = b"".join(iter(lambda: client.recv(65536), b""))
+    assert answer.startswith(b"HTTP/1.0 500"), answer[:100]
+    good = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+    assert b"secret_init_rotations_total" in good
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err and "TypeError" not in out + err, err
+
+
+def test_close_cuts_a_held_connection_instead_of_waiting_for_it(exporter: tuple[Any, int]) -> None:
+    """A silent client must not hold the exit (or the exec) for the client timeout (60 s here)."""
+    metrics, port = exporter
+    with socket.create_connection(("127.0.0.1", port)) as silent:
+        silent.sendall(b"GET /metr")  # and then nothing
+        deadline = time.monotonic() + 10
+        while metrics._server.serving is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metrics._server.serving is not None, "the held connection is being served"
+        closer = threading.Thread(target=metrics.close)
+        closer.start()
+        closer.join(timeout=20)
+        assert not closer.is_alive(), "close() waited for the silent client"
+        silent.settimeout(10)
+        with contextlib.suppress(ConnectionResetError):  # closed with a reset: cut too
+            assert silent.recv(100) == b"", "the held connection was closed"
+
+
+def test_bind_errors_map_to_documented_exit_codes() -> None:
+    from secret_init.metrics import bind_error
+
+    listen = Listen("127.0.0.1", 80)
+    assert bind_error(listen, OSError(errno.EADDRINUSE, "x")).exit_code == 73
+    assert bind_error(listen, OSError(errno.EACCES, "Permission denied")).exit_code == 77
+    assert bind_error(listen, OSError(errno.EADDRNOTAVAIL, "Cannot assign")).exit_code == 78
+    assert bind_error(listen, OSError(errno.EAFNOSUPPORT, "no IPv6")).exit_code == 78

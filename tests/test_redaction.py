@@ -3,6 +3,7 @@
 import io
 import json
 import re
+import secrets
 
 import pytest
 import structlog
@@ -106,3 +107,19 @@ def test_logger_redacts_nested_fields_and_exception_text(captured: io.StringIO) 
     assert output.count(REDACTED) >= 4
     first = json.loads(output.splitlines()[0])
     assert first["nested"] == {"k": [REDACTED, 1]}
+
+
+def test_a_pem_block_is_indexed_by_its_body_and_its_armor_stays_readable() -> None:
+    """Keys rotated every 30 s must not pile up under one "---" index entry that every log line with "---" scans."""
+    r = Redactor()
+    armor = ("-----BEGIN EC PRIVATE KEY-----", "-----END EC PRIVATE KEY-----")
+    keys = [f"{armor[0]}\n{secrets.token_urlsafe(48)}\n{secrets.token_urlsafe(9)}\n{armor[1]}" for _ in range(50)]
+    for key in keys:
+        r.add(key)
+    line = json.dumps({"event": "x", "key": keys[7]})
+    redacted = r.redact(line)
+    body = keys[7].split("\n")[1:3]
+    assert all(part not in redacted for part in body), redacted
+    assert "-----BEGIN EC PRIVATE KEY-----" in redacted, "the public armor line is left readable"
+    assert "---" not in r._by_key, "no needle starts with the armor"
+    assert r.redact("a --- b -----END x") == "a --- b -----END x"

@@ -22,6 +22,7 @@ import math
 import os
 import random
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
@@ -83,6 +84,7 @@ class FakeVault:
         self.probes: list[Any] = []  # (max_remaining, ttl) or an exception
         self.renewals: list[Any] = []  # ttl or an exception
         self.reads: list[Any] = []  # an exception, or None for a fresh answer
+        self.writes: list[Any] = []  # an exception, a VaultSecret, or None for a fresh certificate
         self.issued = 1  # lease-1 is the one the start made
         self.api_key = "key-1"  # the static secret at KV
 
@@ -145,6 +147,18 @@ class FakeVault:
 
     def revoke_own_token(self) -> None:
         self._record("revoke_token")
+
+    def write(self, path: str, params: Any, purpose: str, max_size: int = 0) -> VaultSecret:
+        """A PKI issue: a new certificate without a Vault lease, or what `writes` scripts."""
+        self._record("write", path)
+        answer = self._answer(self.writes, None)
+        if answer is not None:
+            return cast(VaultSecret, answer)
+        self.issued += 1
+        n = self.issued
+        cert = Lease(f"certificate {n:02x}", 10.0, False, self.clock.now, revocable=False, serial=f"{n:02x}")
+        fields = {"username": f"user-{n}", "password": f"pw-{n}", "expiration": int(time.time()) + 10}
+        return VaultSecret(path, fields, cert)
 
     def read(self, path: str, purpose: str, max_size: int = 0) -> VaultSecret:
         self._record("read", path)
@@ -423,16 +437,19 @@ def test_token_failed_backs_off_doubling_up_to_30_seconds() -> None:
 class Scene:
     """A sidecar Supervised loop on a scripted clock; its files land in `out`."""
 
-    def __init__(self, tmp_path: Path, extra: str = "", static: bool = False, token: TokenInfo = NEVER) -> None:
+    def __init__(
+        self, tmp_path: Path, extra: str = "", static: bool = False, token: TokenInfo = NEVER, certificate: bool = False
+    ) -> None:
         self.clock = Clock()
         self.vault = FakeVault(self.clock, token)
         self.out = tmp_path / "out"
+        params = 'params = { common_name = "x" }\n' if certificate else ""  # DB is then written, like pki/issue/ROLE
         text = (
             f'[output]\ndir = "{self.out}"\nallow_non_tmpfs = true\n'
             f'[vault]\naddr = "http://127.0.0.1:1"\nrefresh_interval = "60s"\n'
             f'[process]\nstop_timeout = "2s"\n{extra}\n'
-            f'[[secret]]\nname = "db_user"\nsource = "vault:{DB}#username"\n'
-            f'[[secret]]\nname = "db_password"\nsource = "vault:{DB}#password"\n'
+            f'[[secret]]\nname = "db_user"\nsource = "vault:{DB}#username"\n{params}'
+            f'[[secret]]\nname = "db_password"\nsource = "vault:{DB}#password"\n{params}'
         )
         if static:
             text += f'[[secret]]\nname = "api_key"\nsource = "vault:{KV}#api_key"\n'
@@ -441,6 +458,8 @@ class Scene:
         sink = Sink(str(self.out), os.getgid(), True)
         sink.prepare()
         lease = Lease("lease-1", 10.0, True, self.clock.now)
+        if certificate:
+            lease = Lease("certificate 01", 10.0, False, self.clock.now, revocable=False, serial="01")
         values = {"db_user": b"user-1", "db_password": b"pw-1", "api_key": b"key-1"}
         materials = [
             Material(s, Hidden(values[s.name]), lease if s.source.path == DB else None) for s in self.cfg.secrets
@@ -573,6 +592,23 @@ def test_a_failed_re_read_is_retried_about_a_second_later_and_wins(tmp_path: Pat
     assert 0.5 <= second - first <= 1.0
     assert scene.vault.called("revoke") == [(pytest.approx(second + 2.0), "lease-1")]
     assert scene.file("db_password") == "pw-2" and renewer.snapshot()[DB].rotated_at == second
+
+
+def test_a_written_path_whose_answer_has_no_certificate_or_lease_fails_its_rotation_and_retries(
+    tmp_path: Path,
+) -> None:
+    """A certificate path answered once without an expiration must not drop out of rotation for good."""
+    scene = Scene(tmp_path, certificate=True)
+    scene.vault.writes = [VaultSecret(DB, {"username": "user-x", "password": "pw-x"}, None)]
+    renewer = scene.begin()
+    scene.run(30.0, stop=lambda: len(scene.vault.called("write")) >= 2)
+    first, second = scene.vault.times("write")
+    assert first == pytest.approx(10.0 - (10.0 / 3 + 1.0)), "rotate_before of a 10 s certificate, plus the lead"
+    assert 0.5 <= second - first <= 1.0, "retried after the first backoff"
+    assert scene.file("db_password") == "pw-2", "the answer without a certificate was never written"
+    assert renewer.snapshot()[DB].serial == "02" and not renewer.snapshot()[DB].revocable
+    assert scene.vault.called("revoke") == [], "a certificate without a Vault lease is never revoked"
+    assert scene.vault.called("read") == [], "a written path is never read"
 
 
 def test_sigterm_stops_the_sidecar_and_the_shutdown_revokes_every_lease_and_the_token(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import structlog
 from secret_init import interrupt
 from secret_init.config import SecretSpec
 from secret_init.errors import DataError, MissingFieldError, SecretInitError, VaultUnavailableError
-from secret_init.model import Hidden, Material
+from secret_init.model import CERTIFICATE_PUBLIC, Hidden, Material
 from secret_init.redaction import REDACTOR
 from secret_init.sources import Reading
 
@@ -23,8 +23,6 @@ if TYPE_CHECKING:
     from secret_init.vault import VaultClient, VaultSecret
 
 log = structlog.get_logger()
-
-MAX_TIMESTAMP = 253402300799  # 9999-12-31T23:59:59Z, the last second datetime can show
 
 
 class VaultSource:
@@ -88,15 +86,19 @@ class VaultSource:
             renewable=lease.renewable if lease else None,
         )
         if lease is not None and lease.serial is not None:
-            not_after = secret.fields["expiration"]  # a finite number: parse_response checked it
-            expires = datetime.fromtimestamp(min(not_after, MAX_TIMESTAMP), UTC).isoformat(timespec="seconds")
+            not_after = secret.fields["expiration"]  # from 1970 to 9999: parse_response checked it
+            expires = datetime.fromtimestamp(not_after, UTC).isoformat(timespec="seconds")
             log.info("certificate issued", path=secret.path, serial=lease.serial, expires_at=expires)
         for warning in secret.warnings:
             log.warning("vault warning", path=secret.path, warning=warning)
         rendered = []
+        issued = lease is not None and lease.serial is not None
         for spec in group:
             value = render(spec, secret)
-            REDACTOR.add(value)  # numbers and templates included, not only string fields
+            # Numbers and templates included, not only string fields; but not the public parts of an issued
+            # certificate (a 2-letter key type would be cut out of every log line); its key is registered.
+            if not issued or (spec.template is None and spec.source.field not in CERTIFICATE_PUBLIC):
+                REDACTOR.add(value)
             if len(value) > self.max_size:
                 raise DataError(f"secret {spec.name!r} ({spec.source}): {len(value)} bytes is over max_secret_size")
             log.info("source read", secret=spec.name, source=str(spec.source), bytes=len(value))
