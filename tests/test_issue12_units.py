@@ -331,3 +331,18 @@ def test_bind_errors_map_to_documented_exit_codes() -> None:
     assert bind_error(listen, OSError(errno.EACCES, "Permission denied")).exit_code == 77
     assert bind_error(listen, OSError(errno.EADDRNOTAVAIL, "Cannot assign")).exit_code == 78
     assert bind_error(listen, OSError(errno.EAFNOSUPPORT, "no IPv6")).exit_code == 78
+
+
+@pytest.mark.parametrize(
+    ("granted", "code"), [(["create"], 77), (["read"], 77), (["update"], 0), (["root"], 0), ([], 77)]
+)
+def test_check_needs_update_on_a_written_path(granted: list[str], code: int) -> None:
+    """A POST to pki/issue/ROLE is an update for OpenBao: a token with create alone is refused the write."""
+    from secret_init.check import _vault_capability
+
+    cfg = load_text(secrets_toml('{ common_name = "a" }', sources=("vault:pki/issue/web",)), "c", ENV)
+    problem = _vault_capability(cfg.secrets[0], {"pki/issue/web": granted})
+    assert problem is not None
+    text, exit_code = problem
+    assert int(exit_code) == code, text
+    assert ("may not write pki/issue/web" in text) if code else text.startswith("ok: will be written (POST")
