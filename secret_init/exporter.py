@@ -3,9 +3,9 @@
 Made only when `[metrics] listen` is set (secret_init.metrics.open_recorder). Its thread
 serves prometheus-client's own exposition and never takes a lock the loop holds for long:
 counters and the histogram have their own tiny locks, and the lease gauges are read from an
-immutable snapshot that the loop replaces whole. One connection is served at a time, each
-with a socket timeout: a client that connects and sends nothing delays other scrapes, never
-a renewal or rotation. Labels are paths and operation names only, never a secret, token or
+immutable snapshot that the loop replaces whole. One connection is served at a time and cut
+CLIENT_TIMEOUT after it connected: a client that connects and sends nothing delays other
+scrapes, never a renewal or rotation. Labels are paths and operation names only, never a secret, token or
 lease id.
 """
 
@@ -23,7 +23,7 @@ from prometheus_client.core import GaugeMetricFamily
 from secret_init.config import Listen
 from secret_init.metrics import LeaseTimes, Recorder, bind_error
 
-# A scrape's client must send each part of its request within this long, or it is dropped.
+# A scrape's connection is cut this long after it connected, however its client sends.
 CLIENT_TIMEOUT = 5.0
 
 
@@ -88,6 +88,24 @@ class Metrics(Recorder):
         self._server.server_close()
 
 
+# Each LeaseTimes field, as the gauge that shows it.
+_LEASE_GAUGES = (
+    ("issued", "secret_init_lease_issued_timestamp_seconds", "When each lease or certificate was issued."),
+    (
+        "renewed",
+        "secret_init_lease_renewed_timestamp_seconds",
+        "When each lease was last renewed (or issued): what gave it its current expiry.",
+    ),
+    ("expiry", "secret_init_lease_expiry_timestamp_seconds", "When each lease or certificate expires unless renewed."),
+    (
+        "deadline",
+        "secret_init_lease_deadline_timestamp_seconds",
+        "The latest each lease or certificate can live (its max TTL, or NotAfter).",
+    ),
+    ("rotation_due", "secret_init_rotation_due_timestamp_seconds", "When each lease or certificate is due to rotate."),
+)
+
+
 class _LeaseGauges:
     """The timestamp gauges, built at each scrape from the last published snapshot."""
 
@@ -96,33 +114,7 @@ class _LeaseGauges:
 
     def collect(self) -> Iterator[Any]:
         leases, token_expiry = self.metrics.snapshot()
-        families = {
-            "issued": GaugeMetricFamily(
-                "secret_init_lease_issued_timestamp_seconds",
-                "When each lease or certificate was issued.",
-                labels=["path"],
-            ),
-            "renewed": GaugeMetricFamily(
-                "secret_init_lease_renewed_timestamp_seconds",
-                "When each lease was last renewed (or issued): what gave it its current expiry.",
-                labels=["path"],
-            ),
-            "expiry": GaugeMetricFamily(
-                "secret_init_lease_expiry_timestamp_seconds",
-                "When each lease or certificate expires unless renewed.",
-                labels=["path"],
-            ),
-            "deadline": GaugeMetricFamily(
-                "secret_init_lease_deadline_timestamp_seconds",
-                "The latest each lease or certificate can live (its max TTL, or NotAfter).",
-                labels=["path"],
-            ),
-            "rotation_due": GaugeMetricFamily(
-                "secret_init_rotation_due_timestamp_seconds",
-                "When each lease or certificate is due to be rotated.",
-                labels=["path"],
-            ),
-        }
+        families = {field: GaugeMetricFamily(name, text, labels=["path"]) for field, name, text in _LEASE_GAUGES}
         for path, times in sorted(leases.items()):
             for name, family in families.items():
                 value = getattr(times, name)

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,6 +84,25 @@ def start_engine() -> Engine:
             raise RuntimeError(f"dockerd did not start: {(root / 'dockerd.log').read_text()[-2000:]}")
         time.sleep(0.2)
     return engine
+
+
+@contextmanager
+def running_engine() -> Iterator[Engine]:
+    """A module's engine: skipped with the reason where none can run; stopped however the module ends,
+    after the image histories are recorded for the session's leak hunt (the daemon must still run)."""
+    import pytest
+
+    from tests.figures import record_image_histories
+
+    reason = engine_missing()
+    if reason:
+        pytest.skip(reason)
+    engine = start_engine()
+    try:
+        yield engine
+    finally:
+        record_image_histories(engine)
+        stop_engine(engine)
 
 
 def stop_engine(engine: Engine) -> None:

@@ -40,13 +40,11 @@ from tests.engine import (
     Engine,
     build_context,
     buildkit,
-    engine_missing,
     import_base,
     pip_wheel,
-    start_engine,
-    stop_engine,
+    running_engine,
 )
-from tests.figures import encodings, record_image_histories
+from tests.figures import encodings
 
 IMAGE = "secret-init:private-index"
 INDEX_USER = "ci"
@@ -54,16 +52,9 @@ INDEX_USER = "ci"
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    reason = engine_missing()
-    if reason:
-        pytest.skip(reason)
-    engine = start_engine()
-    try:
+    with running_engine() as engine:
         import_base(engine)
         yield engine
-    finally:
-        record_image_histories(engine)  # for the session's leak hunt, while the daemon still runs
-        stop_engine(engine)
 
 
 # -- a private package index ------------------------------------------------------------

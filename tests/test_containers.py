@@ -16,8 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import PROBE, REPO, Bao, Database, assert_no_leak, random_secret
-from tests.engine import Engine, build_image, engine_missing, start_engine, stop_engine
-from tests.figures import record_image_histories
+from tests.engine import Engine, build_image, running_engine
 from tests.test_leases import DB_APP
 
 HARDENED = [
@@ -29,15 +28,8 @@ HARDENED = [
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[Engine]:
-    reason = engine_missing()
-    if reason:
-        pytest.skip(reason)
-    engine = start_engine()
-    try:
+    with running_engine() as engine:
         yield engine
-    finally:
-        record_image_histories(engine)  # for the session's leak hunt, while the daemon still runs
-        stop_engine(engine)
 
 
 @pytest.fixture(scope="module")
