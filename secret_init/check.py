@@ -108,12 +108,12 @@ def _check_vault(cfg: Config, environ: Mapping[str, str]) -> tuple[Row | None, d
         if cfg.vault.secret_id_wrapped:  # a login would spend the wrapping token the start needs
             made_at = client.check_wrapping_token()
             note = f"wrapping token unused, from {made_at}; not unwrapped, so no capability is checked"
-            return Row("(vault)", cfg.vault.addr or "-", "-", "-", "-", note), None
+            return Row("(vault)", ", ".join(cfg.vault.addrs) or "-", "-", "-", "-", note), None
         client.login()
         return None, client.capabilities(paths)
     except SecretInitError as e:
         unchecked: dict[str, list[str]] | None = None if cfg.vault.secret_id_wrapped else {}  # no login: rows say why
-        return Row("(vault)", cfg.vault.addr or "-", "-", "-", "-", str(e), e.exit_code), unchecked
+        return Row("(vault)", ", ".join(cfg.vault.addrs) or "-", "-", "-", "-", str(e), e.exit_code), unchecked
     finally:
         if client is not None:
             client.revoke_own_token()

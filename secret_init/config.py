@@ -286,6 +286,33 @@ def _url(value: object) -> str | None:
     return text or None
 
 
+MAX_ADDRS = 8
+MAX_EXPIRY_GRACE = 600.0
+
+
+def _urls(value: object) -> str | tuple[str, ...] | None:
+    """One address, or a list of 1 to MAX_ADDRS (an HA cluster's nodes): the same scheme, each once."""
+    if not isinstance(value, list):
+        return _url(value)
+    if not 1 <= len(value) <= MAX_ADDRS:
+        _reject(f"must list 1 to {MAX_ADDRS} addresses")
+    addrs: list[str] = []
+    for i, item in enumerate(value, 1):
+        try:
+            addr = _url(item)
+        except ConfigError as e:
+            _reject(f"#{i} {e}")
+        if addr is None:
+            _reject(f"#{i} is empty")
+        addr = addr.rstrip("/")
+        if addr.lower() in (a.lower() for a in addrs):
+            _reject(f"#{i} {_quote(addr)} is listed twice")
+        addrs.append(addr)
+    if len({a.split(":", 1)[0].lower() for a in addrs}) > 1:
+        _reject("mixes http:// and https://: one plain address would carry the token in clear; use one scheme")
+    return addrs[0] if len(addrs) == 1 else tuple(addrs)
+
+
 def _host_and_port_parse(addr: str) -> bool:
     from urllib.parse import urlsplit
 
@@ -400,7 +427,7 @@ _MOUNT = _Type("mount path", lambda v: _mount(_text(v)))
 _STRING = _Type("string", _text)
 _PATH = _Type("absolute path", lambda v: _valid(validate_path, v))
 _DIR = _Type("absolute path", lambda v: _PATH.parse(v) if _str(v) else None)
-_URL = _Type("URL", _url)
+_URLS = _Type("URL or list of URLs", _urls)
 _BOOL = _Type("boolean", lambda v: v if isinstance(v, bool) else _reject("must be true or false"))
 _COUNT = _Type("positive integer", _count)
 _DURATION = _Type("duration", parse_duration, _show_duration)
@@ -442,7 +469,12 @@ class OutputConfig(NamedTuple):
 
 
 class VaultConfig(NamedTuple):
-    addr: Annotated[str | None, _URL, "Vault's or OpenBao's URL.", "`$VAULT_ADDR`, then `$BAO_ADDR`"] = None
+    addr: Annotated[
+        str | tuple[str, ...] | None,
+        _URLS,
+        "Vault's or OpenBao's URL; a list for an HA cluster's nodes, tried in turn.",
+        "`$VAULT_ADDR`, then `$BAO_ADDR`",
+    ] = None
     auth: Annotated[str, _choice(*AUTH_METHODS), "How secret-init logs in."] = "token"
     auth_mount: Annotated[str | None, _MOUNT, "Where the auth method is mounted.", "the method's name"] = None
     token_file: Annotated[str | None, _PATH, 'For `auth = "token"`: a file holding the token.'] = None
@@ -461,7 +493,16 @@ class VaultConfig(NamedTuple):
     startup_timeout: Annotated[float, _DURATION, "How long to retry while Vault is unavailable, then exit 69."] = 30.0
     request_timeout: Annotated[float, _DURATION, "The timeout of one HTTP request."] = 10.0
     refresh_interval: Annotated[float, _DURATION, "When supervising: how often to read unleased secrets again."] = 300.0
-    revoke_on_exit: Annotated[bool, _BOOL, "When supervising: on exit, revoke the leases it created."] = True
+    revoke_on_exit: Annotated[
+        bool, _BOOL, "When supervising: on exit, revoke the leases it created and the token it logged in with."
+    ] = True
+
+    @property
+    def addrs(self) -> tuple[str, ...]:
+        """Every configured address, the first tried first; () when none is set."""
+        if self.addr is None:
+            return ()
+        return (self.addr,) if isinstance(self.addr, str) else self.addr
 
     @property
     def mount(self) -> str:
@@ -478,7 +519,12 @@ class ProcessConfig(NamedTuple):
     rotate_before: Annotated[float | None, _DURATION, "Rotate a lease with this much left.", "1/3 of its life"] = None
     on_rotate: Annotated[str, _ON_ROTATE, "What happens to the app when its files change."] = "restart"  # or "signal"
     rotate_signal: int = 1  # not a key: on_rotate = "signal:NAME" sets it; SIGHUP
-    on_expiry: Annotated[str, _choice("stop", "keep"), "What happens when a lease expires unrotated."] = "stop"
+    on_expiry: Annotated[
+        str, _choice("stop", "keep"), "What happens when a lease is still unrotated `expiry_grace` after its expiry."
+    ] = "stop"
+    expiry_grace: Annotated[
+        float, _DURATION, "After a lease expires, how long rotation is retried (about once a second), at most 10m."
+    ] = 30.0
 
 
 class SidecarConfig(NamedTuple):
@@ -717,6 +763,8 @@ def _parse(data: dict[str, object], path: str, environ: Mapping[str, str]) -> Co
     process = _read(ProcessConfig, data.get("process"), "[process]")
     if process.rotate_before is not None and process.rotate_before <= 0:
         _fail("[process]", "rotate_before", "must be more than zero")
+    if process.expiry_grace > MAX_EXPIRY_GRACE:
+        _fail("[process]", "expiry_grace", "must be at most 10m: past that, credentials are long dead")
     if process.on_rotate.startswith("signal:"):
         try:
             process = process._replace(on_rotate="signal", rotate_signal=parse_signal(process.on_rotate[7:]))
@@ -797,7 +845,7 @@ def _vault_from_env(vault: VaultConfig, environ: Mapping[str, str], used: bool) 
     if used and namespace and (reason := unprintable(namespace)):
         _fail("[vault]", "namespace", f"(from $VAULT_NAMESPACE) {reason}")
     vault = vault._replace(
-        addr=addr.rstrip("/") if addr else None,
+        addr=addr.rstrip("/") if isinstance(addr, str) else addr,
         ca_cert=vault.ca_cert or environ.get("VAULT_CACERT") or environ.get("BAO_CACERT"),
         namespace=namespace or None,
         client_cert=vault.client_cert or _env_path(environ, "CLIENT_CERT", used),
@@ -849,7 +897,7 @@ def _check_client_cert(vault: VaultConfig, used: bool) -> None:
         if getattr(vault, key) is None and (getattr(vault, other) is not None or (vault.auth == "cert" and used)):
             why = 'auth = "cert"' if vault.auth == "cert" else f"{other} is set"
             _fail("[vault]", key, f"is required when {why} (or ${'VAULT_' + key.upper()})")
-    if vault.auth == "cert" and vault.addr is not None and not vault.addr.startswith("https://"):
+    if vault.auth == "cert" and any(not addr.startswith("https://") for addr in vault.addrs):
         _fail("[vault]", "addr", 'must be https:// for auth = "cert": the certificate is presented in TLS')
 
 

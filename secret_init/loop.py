@@ -68,8 +68,10 @@ class Supervised:
         self.client = done.client
         self.renewer: Renewer | None = None
         self.forced_exit: int | None = None
-        # Old leases to revoke later (due time, lease id): the app was signalled, not restarted.
+        # Old leases to revoke later (due time, lease id): the app was signalled, not restarted. The renewer
+        # holds (renews) each until then. Due at inf: a revoke that failed, tried again at exit.
         self.pending_revokes: list[tuple[float, str]] = []
+        self.revoke_expiry: dict[str, float] = {}  # for a failed revoke of a held lease: its last known expiry
         self.stopping = False
         # A forwarded SIGTERM/SIGINT: until this time the app may exit; rotations wait meanwhile.
         self.grace_until: float | None = None
@@ -196,24 +198,34 @@ class Supervised:
         if self.grace_until is not None:
             times.append(self.grace_until)
         if self.renewer is not None:
-            times += [s.expires_at for s in self.renewer.snapshot().values() if not s.expired]
+            grace = self.cfg.process.expiry_grace
+            for lease in self.renewer.snapshot().values():
+                if not lease.expired:
+                    times.append(lease.expires_at)
+                elif not lease.gave_up:
+                    times.append(lease.expires_at + grace)
         return max(0.0, min(times) - now)
 
     def _check_expiry(self) -> None:
-        """A lease past its expiry without a rotation: apply on_expiry, once per lease."""
+        """A lease past its expiry without a rotation: rotation is retried about once a second for
+        expiry_grace (the renewer's schedule), then on_expiry is applied, once per lease."""
         if self.renewer is None or self.stopping:
             return
-        now = self.clock()
+        now, grace = self.clock(), self.cfg.process.expiry_grace
         for path, lease in self.renewer.snapshot().items():
-            if now >= lease.expires_at and self.renewer.expire(path, lease.lease_id):
-                log.error("lease expired before it could be rotated", path=path, lease_id=lease.lease_id)
+            if now < lease.expires_at:
+                continue
+            if self.renewer.expire(path, lease.lease_id):
+                log.error("lease expired before it could be rotated; retrying rotation about once a second",
+                          path=path, lease_id=lease.lease_id, expiry_grace=grace)  # fmt: skip
+            if now >= lease.expires_at + grace and self.renewer.give_up(path, lease.lease_id):
                 self._expired(path)
 
     def _revoke_due(self) -> None:
         now = self.clock()
         for item in [p for p in self.pending_revokes if p[0] <= now]:
             self.pending_revokes.remove(item)
-            self._revoke(item[1])
+            self._revoke(item[1], self.renewer.release(item[1]) if self.renewer is not None else None)
 
     # -- vault ------------------------------------------------------------------------------
 
@@ -272,8 +284,9 @@ class Supervised:
             self.metrics.rotation(ok=False)
             self.renewer.rotation_failed(path)
             return
+        previous = None
         if new is not None:
-            self.renewer.track(path, new, rotated_at=self.clock())
+            previous = self.renewer.track(path, new, rotated_at=self.clock())
         else:
             self.renewer.forget(path)
         log.info(
@@ -284,9 +297,12 @@ class Supervised:
         if not revocable:
             return
         if restarted:  # the old app is gone: nothing uses the old credentials
-            self._revoke(old_lease_id)
-        else:  # signalled, or a sidecar's app: give it stop_timeout to switch
-            self.pending_revokes.append((self.clock() + self.cfg.process.stop_timeout, old_lease_id))
+            self._revoke(old_lease_id, previous.expires_at if previous is not None else None)
+            return
+        # Signalled, or a sidecar's app: it has stop_timeout to switch, and the old lease is renewed meanwhile.
+        if previous is not None and previous.lease_id == old_lease_id:
+            self.renewer.hold(previous)
+        self.pending_revokes.append((self.clock() + self.cfg.process.stop_timeout, old_lease_id))
 
     def _refresh(self, path: str) -> None:
         assert self.renewer is not None
@@ -304,39 +320,60 @@ class Supervised:
         written = self.done.sink.write(output_files(fresh, self.done.owners))
         return any(w.changed for w in written)
 
-    def _revoke(self, lease_id: str) -> None:
+    def _revoke(self, lease_id: str, expires_at: float | None = None) -> None:
+        """Revoke a lease that may still be alive; `expires_at` known and past: Vault has dropped it already
+        (and answers a revoke of an unknown lease as it answers a real one, so no "lease revoked" is logged)."""
         assert self.client is not None
+        if expires_at is not None and self.clock() >= expires_at:
+            log.info("lease already expired; nothing to revoke", lease_id=lease_id)
+            return
         if not self.client.revoke_lease_quietly(lease_id):
             self.pending_revokes.append((math.inf, lease_id))  # tried again on exit
+            if expires_at is not None:
+                self.revoke_expiry[lease_id] = expires_at
 
     def _expired(self, path: str) -> None:
-        if self.cfg.process.on_expiry == "keep":
-            log.error("credentials expired; on_expiry = keep, so the app keeps running", path=path)
-            if self.renewer is not None:
-                self.renewer.rotation_failed(path)  # and rotation keeps being tried
+        grace = self.cfg.process.expiry_grace
+        if self.cfg.process.on_expiry == "keep":  # rotation goes on being retried, with the usual backoff
+            log.error("credentials expired; on_expiry = keep, so the app keeps running", path=path, expiry_grace=grace)
             return
-        log.error("credentials expired; stopping the app (on_expiry = stop)", path=path)
+        log.error("credentials expired; stopping the app (on_expiry = stop)", path=path, expiry_grace=grace)
         self.forced_exit = int(ExitCode.TEMPFAIL)
         self.stopping = True
         if self.command is not None:
             self.supervisor.stop_app(self.cfg.process.stop_signal, self.cfg.process.stop_timeout)
 
     def _shutdown_vault(self) -> None:
-        # Until the renewer tracks them, the start's own leases are only in `done`.
-        leases = [m.lease.lease_id for m in self.done.materials if m.lease and m.lease.revocable]
+        # Until the renewer tracks them, the start's own leases are only in `done` (alive: just issued).
+        current: dict[str, float | None] = {
+            m.lease.lease_id: None for m in self.done.materials if m.lease and m.lease.revocable
+        }
         if self.renewer is not None:
             self.renewer.stop(timeout=self.cfg.vault.request_timeout * 3)
-            leases = [lease.lease_id for lease in self.renewer.snapshot().values() if lease.revocable]
-        leases += [lease_id for _, lease_id in self.pending_revokes]
+            leases = self.renewer.snapshot().values()
+            current = {lease.lease_id: lease.expires_at for lease in leases if lease.revocable}
+        # Rotated away: nothing uses them after the app, so they go even with revoke_on_exit = false.
+        old = {lease_id: self._release(lease_id) for _, lease_id in self.pending_revokes}
         self.pending_revokes.clear()
         if self.client is None:
             return
-        if self.cfg.vault.revoke_on_exit or not self.started:  # a start that did not complete leaves none
-            for lease_id in sorted(set(leases)):
-                self._revoke(lease_id)
-        for retired in self.renewer.retired_tokens() if self.renewer is not None else []:
-            self.client.revoke_retired(retired)
+        keep = self.started and not self.cfg.vault.revoke_on_exit  # a start that did not complete leaves none
+        for lease_id, expires_at in sorted((old if keep else old | current).items()):
+            self._revoke(lease_id, expires_at)
+        retired = self.renewer.retired_tokens() if self.renewer is not None else []
+        if keep:  # a token's leases live while it does: it expires by itself, and only this process held it
+            for token in retired:  # a lease not yet rotated off it may still be in use
+                self.client.release(token)
+            log.info("vault token and leases left to expire (revoke_on_exit = false)", leases=len(current))
+            return
+        for token in retired:
+            self.client.revoke_retired(token)
         self.client.revoke_own_token()
+
+    def _release(self, lease_id: str) -> float | None:
+        """A pending revoke's lease: no longer held by the renewer; its last known expiry."""
+        held = self.renewer.release(lease_id) if self.renewer is not None else None
+        return held if held is not None else self.revoke_expiry.pop(lease_id, None)
 
     # -- the app ------------------------------------------------------------------------------
 

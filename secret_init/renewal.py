@@ -9,9 +9,16 @@ costs no Vault call. When less than `rotate_before` is
 left, or renewal is refused, the thread reports "rotate this path". It never writes files
 or touches processes: the one loop in loop.py decides what happens.
 
+Retries never overshoot an expiry: within URGENT of it (or past it, during on_expiry's
+grace) a failed renewal or rotation is tried again about once a second, with jitter, so new
+credentials arrive a second or two after any Vault node answers again. Renewals and
+rotations count their failures apart: an outage's renewal failures do not delay the first
+rotation retry after it.
+
 The renewer is the one owner of lease state; the loop gets snapshots and tells it of new
-leases. Every decision is a pure function of (state, now, rng) below; the thread only
-carries them out. The token follows the same rule.
+leases. After a rotation that signalled the app, the loop hands it the old lease to hold:
+held leases are renewed until the loop revokes them. Every decision is a pure function of
+(state, now, rng) below; the thread only carries them out. The token follows the same rule.
 """
 
 import math
@@ -44,6 +51,12 @@ ROTATION_LEAD_MIN = 1.0
 # reported with 7.8 s left). A max TTL learned from a probe is taken this much shorter
 # (a tiny one, by half).
 TTL_GRANULARITY = 1.0
+# Near an expiry, retries come about this often (jittered by a quarter either way).
+SOON = 1.0
+# A retry this close to expiry (or a backoff reaching past it) switches to retrying SOON.
+URGENT = 1.0
+# The last renewal try is at least this long before expiry, and this long after the one before.
+LAST_TRY_MARGIN = 0.25
 
 
 # -- the pure schedule ------------------------------------------------------------------
@@ -72,6 +85,8 @@ class LeaseState(NamedTuple):
     rotated_at: float | None = None  # when the rotation that brought this lease finished
     revocable: bool = True  # False for an issued certificate without a Vault lease (lease_id is its serial)
     serial: str | None = None  # an issued certificate's
+    rotation_errors: int = 0  # failed rotations in a row (`errors` counts failed renewals)
+    gave_up: bool = False  # expired, and expiry_grace passed: on_expiry was applied
 
     @property
     def lifetime(self) -> float:
@@ -161,18 +176,31 @@ def _backoff(errors: int, rng: random.Random) -> float:
     return float(min(ERROR_BACKOFF_MAX, ERROR_BACKOFF_START * 2.0 ** (errors - 1)) * (0.5 + rng.random() / 2))
 
 
-def after_error(lease: LeaseState, now: float, rng: random.Random) -> LeaseState:
-    """Back off with jitter, but try once more shortly before expiry rather than after it.
+def _soon(rng: random.Random) -> float:
+    """About SOON seconds, jittered by a quarter either way: many instances do not retry in step."""
+    return SOON * (0.75 + rng.random() / 2)
 
-    Once: a retry made within the last second is not pulled in again (that would halve the
-    gap to expiry on every failure), unless it is the first failure of a short lease.
+
+def after_error(lease: LeaseState, now: float, rng: random.Random) -> LeaseState:
+    """Back off with jitter; near expiry, try about once a second, the last try just before it.
+
+    No try is sent in the last LAST_TRY_MARGIN, nor closer than that to the one before: once
+    no try fits, next_renewal is FAR and rotation takes over (see renewal_gave_out).
     """
     errors = lease.errors + 1
     retry = now + _backoff(errors, rng)
-    last_chance = lease.expires_at - min(1.0, (lease.expires_at - now) / 2)
-    if now < last_chance < retry and (lease.errors == 0 or now < lease.expires_at - 1.0):
-        retry = last_chance
+    if retry > lease.expires_at - URGENT:
+        retry = min(now + _soon(rng), lease.expires_at - LAST_TRY_MARGIN)
+        if retry < now + LAST_TRY_MARGIN:
+            retry = FAR
     return lease._replace(errors=errors, next_renewal=retry)
+
+
+def renewal_gave_out(lease: LeaseState) -> tuple[LeaseState, bool]:
+    """No renewal try fits before expiry any more: rotate now, unless a rotation is already out."""
+    if lease.next_renewal != FAR or lease.rotating or not lease.renewable:
+        return lease, False
+    return lease._replace(rotating=True, retry_at=FAR), True
 
 
 def next_wake(lease: LeaseState, configured: float | None) -> float:
@@ -226,9 +254,24 @@ def after_refusal(lease: LeaseState) -> tuple[LeaseState, bool]:
 
 
 def after_rotation_failed(lease: LeaseState, now: float, rng: random.Random) -> LeaseState:
-    """Try rotating again after a backoff; the lease keeps its expiry."""
-    errors = lease.errors + 1
-    return lease._replace(errors=errors, retry_at=now + _backoff(errors, rng))
+    """Try rotating again after a backoff; near or past expiry (until on_expiry acts), about once a second."""
+    errors = lease.rotation_errors + 1
+    delay = _backoff(errors, rng)
+    if not lease.gave_up and now + delay > lease.expires_at - URGENT:
+        delay = min(delay, _soon(rng))
+    return lease._replace(rotation_errors=errors, retry_at=now + delay)
+
+
+def after_expiry(lease: LeaseState, now: float) -> LeaseState:
+    """It expired unrotated: rotate at once, unless a rotation is out or due (the grace starts now)."""
+    if lease.rotating:
+        return lease._replace(expired=True)
+    return lease._replace(expired=True, rotating=True, retry_at=now)
+
+
+def held_renewal(lease: LeaseState, now: float) -> bool:
+    """A held lease (the app may still use it) is due for renewal."""
+    return lease.renewable and lease.next_renewal <= now < lease.expires_at
 
 
 def capped_by_token(lease: LeaseState, token_deadline: float, configured: float | None) -> LeaseState:
@@ -302,11 +345,13 @@ def token_renewed(token: TokenState, now: float, ttl: float, rng: random.Random)
 
 
 def token_failed(token: TokenState, action: str, now: float, rng: random.Random) -> TokenState:
-    """Back off the failed action: a lookup or renewal, or a re-login."""
+    """Back off the failed action: a lookup or renewal, or a re-login. A renewal near expiry: about once a second."""
     errors = token.errors + 1
     retry = now + _backoff(errors, rng)
     if action == "relogin":
         return token._replace(errors=errors, next_relogin=retry)
+    if action == "renew" and retry > token.expires_at - URGENT:
+        retry = min(retry, now + _soon(rng))
     return token._replace(errors=errors, next_renewal=retry)
 
 
@@ -352,6 +397,7 @@ class Renewer(threading.Thread):
         # renewed until its own deadline, by which its leases were rotated onto a newer token.
         self.retired: list[tuple[RetiredToken, TokenState]] = []
         self._leases: dict[str, LeaseState] = {}
+        self._held: dict[str, LeaseState] = {}  # lease id -> a rotated-away lease the app may still use
         self._refresh: dict[str, float] = {}  # path -> next refresh time
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -359,8 +405,8 @@ class Renewer(threading.Thread):
 
     # -- called from the main loop ---------------------------------------------------------
 
-    def track(self, path: str, lease: "Lease", rotated_at: float | None = None) -> None:
-        """Follow a new lease for `path`, replacing the old one. No Vault call: the thread probes later."""
+    def track(self, path: str, lease: "Lease", rotated_at: float | None = None) -> LeaseState | None:
+        """Follow a new lease for `path`; the state of the one it replaces. No Vault call: the thread probes later."""
         # A certificate without a Vault lease does not die with the token that issued it.
         token_deadline = self.token.deadline if lease.revocable else FAR
         if lease.renewable:
@@ -375,9 +421,24 @@ class Renewer(threading.Thread):
             token_deadline=token_deadline, rotated_at=rotated_at, revocable=lease.revocable, serial=lease.serial
         )
         with self._lock:
+            replaced = self._leases.get(path)
             self._leases[path] = state
         self._wake.set()
         log.info("lease tracked", path=path, lease_id=lease.lease_id, ttl=round(state.expires_at - self.clock(), 1))
+        return replaced
+
+    def hold(self, lease: LeaseState) -> None:
+        """Keep renewing a rotated-away lease the app may still use, until release(): a signalled app
+        switches to the new credentials in its own time."""
+        with self._lock:
+            self._held[lease.lease_id] = lease._replace(rotating=False, retry_at=FAR)
+        self._wake.set()
+
+    def release(self, lease_id: str) -> float | None:
+        """Stop holding a lease (it is about to be revoked); its expiry, when it was held."""
+        with self._lock:
+            held = self._held.pop(lease_id, None)
+        return held.expires_at if held is not None else None
 
     def watch_static(self, path: str) -> None:
         """Re-read `path` every refresh_interval (a static secret that may change); also after each refresh."""
@@ -390,16 +451,35 @@ class Renewer(threading.Thread):
         with self._lock:
             lease = self._leases.get(path)
             if lease is not None:
-                self._leases[path] = after_rotation_failed(lease, now, self.rng)
+                lease = self._leases[path] = after_rotation_failed(lease, now, self.rng)
         self._wake.set()
+        if lease is not None:
+            log.warning(
+                "rotation failed, retrying",
+                path=path,
+                lease_id=lease.lease_id,
+                failures=lease.rotation_errors,
+                retry_in=round(lease.retry_at - now, 2),
+            )
 
     def expire(self, path: str, lease_id: str) -> bool:
-        """Mark the lease expired; True the first time, so on_expiry is applied once."""
+        """Mark the lease expired and rotate it at once; True the first time (its expiry_grace starts)."""
+        now = self.clock()
         with self._lock:
             lease = self._leases.get(path)
             if lease is None or lease.lease_id != lease_id or lease.expired:
                 return False
-            self._leases[path] = lease._replace(expired=True, rotating=True)
+            self._leases[path] = after_expiry(lease, now)
+        self._wake.set()
+        return True
+
+    def give_up(self, path: str, lease_id: str) -> bool:
+        """Its expiry_grace passed unrotated; True the first time, so on_expiry is applied once."""
+        with self._lock:
+            lease = self._leases.get(path)
+            if lease is None or lease.lease_id != lease_id or lease.gave_up:
+                return False
+            self._leases[path] = lease._replace(gave_up=True)
             return True
 
     def forget(self, path: str) -> None:
@@ -457,10 +537,12 @@ class Renewer(threading.Thread):
             return min([self.token.next_action, *retired_times])
         for path in list(self.snapshot()):
             self._tend_lease(path, now)
+        self._tend_held(now)
         self._tend_refresh(now)
         times = [self.token.next_action, *retired_times]
         with self._lock:
             times += [next_wake(lease, self.configured_rotate_before) for lease in self._leases.values()]
+            times += [held.next_renewal for held in self._held.values() if held.next_renewal < held.expires_at]
             times += list(self._refresh.values())
         return min(times)
 
@@ -522,10 +604,23 @@ class Renewer(threading.Thread):
 
     def _renewal_failed(self, lease: LeaseState, error: SecretInitError) -> None:
         self.metrics.renewal(ok=False)
-        if error.exit_code == 69:  # Vault unreachable: keep trying until the deadline
-            log.warning("lease renewal failed, retrying", lease_id=lease.lease_id, error=str(error))
+        if error.exit_code == 69:  # Vault unreachable: keep trying until the expiry
             now = self.clock()
-            self._update(lease, lambda s: (after_error(s, now, self.rng), True))
+
+            def retried(state: LeaseState) -> tuple[LeaseState, tuple[LeaseState, bool]]:
+                state, rotate = renewal_gave_out(after_error(state, now, self.rng))
+                return state, (state, rotate)
+
+            outcome = self._update(lease, retried)
+            if outcome is None:
+                return
+            state, rotate = outcome
+            retry_in = None if state.next_renewal == FAR else round(state.next_renewal - now, 2)
+            log.warning("lease renewal failed, retrying", lease_id=lease.lease_id, error=str(error),
+                        retry_in=retry_in, expires_in=round(state.expires_at - now, 2))  # fmt: skip
+            if rotate:
+                log.warning("no renewal fits before expiry; rotating", path=lease.path, lease_id=lease.lease_id)
+                self.post(Rotate(lease.path, lease.lease_id, "renewal failed near expiry"))
         elif self._update(lease, after_refusal):  # a lease rotated away meanwhile is left alone
             log.warning("lease renewal refused; rotating", lease_id=lease.lease_id, error=str(error))
             self.post(Rotate(lease.path, lease.lease_id, "renewal refused"))
@@ -549,8 +644,11 @@ class Renewer(threading.Thread):
         if action is None:
             return
         if action == "expired":
-            self.token = self.token._replace(next_renewal=FAR)
-            log.error("vault token expired")
+            # Its leases die with it. A token we logged in for is replaced at once: the rotations that follow
+            # need one; a supplied token cannot be.
+            relogin = now if self.client.owns_token else FAR
+            self.token = self.token._replace(next_renewal=FAR, next_relogin=relogin)
+            log.error("vault token expired", relogin=self.client.owns_token)
             return
         try:
             if action == "lookup":
@@ -567,7 +665,9 @@ class Renewer(threading.Thread):
             if action == "renew":
                 self.metrics.renewal(ok=False)
             self.token = token_failed(self.token, action, now, self.rng)
-            log.warning("vault token request failed, retrying", action=action, error=str(e))
+            retry = self.token.next_relogin if action == "relogin" else self.token.next_renewal
+            log.warning("vault token request failed, retrying", action=action, error=str(e),
+                        retry_in=round(retry - now, 2))  # fmt: skip
 
     def _learn_token(self) -> None:
         now = self.clock()
@@ -622,13 +722,44 @@ class Renewer(threading.Thread):
                         self.client.release(retired)
                         continue
                     state = token_failed(state, "renew", now, self.rng)
-                    log.warning("previous vault token renewal failed, retrying", error=str(e))
+                    log.warning("previous vault token renewal failed, retrying", error=str(e),
+                                retry_in=round(state.next_renewal - now, 2))  # fmt: skip
             kept.append((retired, state))
         self.retired = kept
 
     def retired_tokens(self) -> list["RetiredToken"]:
         """For the shutdown's revokes, once the thread has stopped."""
         return [retired for retired, state in self.retired if self.clock() < min(state.deadline, state.expires_at)]
+
+    def _tend_held(self, now: float) -> None:
+        """Renew each held lease on its own schedule; one past its expiry is let go (nothing renews it back)."""
+        with self._lock:
+            expired = [lease_id for lease_id, held in self._held.items() if now >= held.expires_at]
+            for lease_id in expired:
+                del self._held[lease_id]
+            due = [held for held in self._held.values() if held_renewal(held, now)]
+        for lease_id in expired:
+            log.info("previous lease expired before its revoke", lease_id=lease_id)
+        for held in due:
+            try:
+                ttl = self.client.renew_lease(held.lease_id, held.duration)
+            except SecretInitError as e:
+                self.metrics.renewal(ok=False)
+                if e.exit_code != 69:  # refused: it is gone
+                    self.release(held.lease_id)
+                    log.warning("previous lease renewal refused", lease_id=held.lease_id, error=str(e))
+                    continue
+                state = after_error(held, self.clock(), self.rng)
+                retry_in = None if state.next_renewal == FAR else round(state.next_renewal - now, 2)
+                log.warning("previous lease renewal failed, retrying", lease_id=held.lease_id, error=str(e),
+                            retry_in=retry_in)  # fmt: skip
+            else:
+                self.metrics.renewal(ok=True)
+                state = after_renewal(held, self.clock(), ttl, self.rng)
+                log.info("previous lease renewed", lease_id=held.lease_id, ttl=ttl)
+            with self._lock:
+                if held.lease_id in self._held:  # not released meanwhile
+                    self._held[held.lease_id] = state
 
     def _tend_refresh(self, now: float) -> None:
         with self._lock:

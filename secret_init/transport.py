@@ -1,8 +1,12 @@
 """The HTTP transport under hvac: a requests session that does not trust the server.
 
-- Redirects are followed only to the configured address's scheme, host and port (a Vault
+- Several addresses (an HA cluster's nodes): hvac builds every URL on the first one, and the
+  session aims each request at the active one instead. Moving on is the client's decision
+  (vault.py), made per request; the session only holds which address is active.
+- Redirects are followed only to a configured address's scheme, host and port (a Vault
   standby sends clients to the active node that way); any other target is refused before
   anything is sent to it: requests would carry X-Vault-Token and a 307's login body along.
+  A redirect that ends at another configured address makes that one the active address.
 - Every request, redirects included, ends within its budget: a timer shuts down the socket
   in use when the budget runs out, because the read timeout bounds each recv, not the
   request, and a server sending a byte a second would hold the start (and the client lock).
@@ -22,9 +26,9 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from urllib.parse import urljoin, urlsplit
+from urllib.parse import urljoin, urlsplit, urlunsplit
 
 import requests
 import requests.adapters
@@ -38,7 +42,7 @@ MAX_REDIRECTS = 5
 
 
 class RedirectRefused(Exception):
-    """A redirect to another scheme, host or port than the configured address."""
+    """A redirect to another scheme, host or port than the configured addresses."""
 
     def __init__(self, target: str) -> None:
         super().__init__(f"refused a redirect to {target}")
@@ -231,12 +235,20 @@ class VaultSession(requests.Session):
     bytes its answer may have (set per request by the caller, who holds the client's lock).
     """
 
-    def __init__(self, addr: str, budget: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        addrs: Sequence[str],
+        budget: Callable[[], float],
+        proxies: Mapping[str, Mapping[str, str]] | None = None,
+    ) -> None:
         super().__init__()
-        home = origin(addr)
-        if home is None:
-            raise ValueError("the Vault address must be http(s)://host[:port]")
-        self.home = home
+        homes = [origin(addr) for addr in addrs]
+        if not homes or None in homes:
+            raise ValueError("each Vault address must be http(s)://host[:port]")
+        self.addrs = tuple(addr.rstrip("/") for addr in addrs)
+        self.homes = tuple(home for home in homes if home is not None)
+        self.active = 0  # the index of the address requests go to
+        self.proxies_of = dict(proxies or {})  # per address: NO_PROXY may spare some nodes and not others
         self.budget = budget
         # Told of every request, answered or not: (method, url, seconds). Set by the client for metrics.
         self.observe: Callable[[str, str, float], None] | None = None
@@ -248,6 +260,32 @@ class VaultSession(requests.Session):
         self.mount("http://", self.adapter)
 
     @property
+    def current(self) -> str:
+        """The active address, as configured (scheme://host[:port])."""
+        return self.addrs[self.active]
+
+    def advance(self) -> str:
+        """Make the next address active (after the last, the first again); that address."""
+        self.active = (self.active + 1) % len(self.addrs)
+        return self.current
+
+    def prefer(self, url: str) -> bool:
+        """Make the configured address `url` is on the active one; False when it is none of them."""
+        where = origin(url)
+        if where not in self.homes:
+            return False
+        self.active = self.homes.index(where)
+        return True
+
+    def aimed(self, url: str) -> str:
+        """`url` on a configured address, moved to the active one; any other URL as it is."""
+        where = origin(url)
+        if where is None or where not in self.homes or where == self.homes[self.active]:
+            return url
+        base = urlsplit(self.current)
+        return urlunsplit(urlsplit(url)._replace(scheme=base.scheme, netloc=base.netloc))
+
+    @property
     def cap(self) -> int:
         return self.adapter.cap
 
@@ -257,15 +295,20 @@ class VaultSession(requests.Session):
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         started = time.monotonic()
+        url = self.aimed(url.decode() if isinstance(url, bytes) else url)
         try:
-            return self._request(method, url, *args, **kwargs)
+            response = self._request(method, url, *args, **kwargs)
         finally:
             if self.observe is not None:
-                self.observe(str(method), str(url), time.monotonic() - started)
+                self.observe(str(method), url, time.monotonic() - started)
+        if response.history:  # redirected, to a configured address (any other was refused): it is the active one
+            self.prefer(response.url)
+        return response
 
-    def _request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+    def _request(self, method: str | bytes, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         seconds = max(self.budget(), 0.001)
         kwargs["timeout"] = seconds  # each connect and recv, below the whole-request deadline
+        kwargs.setdefault("proxies", dict(self.proxies_of.get(self.current, {})))
         with Deadline(seconds) as deadline:
             try:
                 response = super().request(method, url, *args, **kwargs)
@@ -278,14 +321,14 @@ class VaultSession(requests.Session):
         return response
 
     def _refuse_foreign_redirect(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:
-        """Runs before requests follows a redirect: anywhere but home is refused before it is sent."""
+        """Runs before requests follows a redirect: anywhere but a configured address is refused before it is sent."""
         try:
             target = self.get_redirect_target(response)
             url = None if target is None else urljoin(response.url, target)
         except ValueError:  # a Location that is not UTF-8, or an unclosed [IPv6 bracket
             response.close()
             raise RedirectRefused(safe_url("")) from None
-        if url is not None and origin(url) != self.home:
+        if url is not None and origin(url) not in self.homes:
             response.close()
             raise RedirectRefused(safe_url(url))
         return response

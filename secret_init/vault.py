@@ -21,6 +21,7 @@ import hvac.exceptions as hvac_errors
 import requests
 import structlog
 import tenacity
+import urllib3.exceptions
 
 from secret_init import client_cert
 from secret_init.client_cert import CertCopy
@@ -82,6 +83,8 @@ SMALL_ANSWER = 1024 * 1024
 # A request started this close to the end of startup_timeout still gets this long; so do
 # the revocations after a failed start, and the start overruns its bound by at most this.
 _LAST_TRY = 1.0
+_LEADER_BUDGET = 2.0  # seconds for sys/leader: a hint is not worth a whole request_timeout on a dead node
+_LEADER_ANSWER = 64 * 1024
 
 
 PROBE_INCREMENT = 10**9  # seconds; Vault caps it at the max TTL, which is what we want to know
@@ -138,6 +141,46 @@ class VaultSecret:
         return f"VaultSecret(path={self.path!r}, fields=<{len(self.fields)}>, lease={self.lease!r})"
 
 
+# Answers that say this node cannot serve now while another may: sealed or a standby without an
+# active node (503), overloaded (429), a proxy before a dead node (502, 504), not initialized (501).
+_FAILOVER_STATUS = frozenset({429, 501, 502, 503, 504})
+# A 500 that says so in words: "active node not found", "local node not active", "Vault is sealed".
+_NODE_CANNOT_SERVE = re.compile(r"active node|not active|standby|sealed|leader", re.IGNORECASE)
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status an hvac error was made from, when it was made from one here."""
+    status = getattr(exc, "http_status", None)
+    return status if isinstance(status, int) else _STATUS_OF.get(type(exc))
+
+
+def fails_over(exc: BaseException, idempotent: bool = True, sent: bool = True) -> bool:
+    """A failure after which the same request goes to the next address at once.
+
+    `sent` False: a request that may not be sent twice (an unwrap); it moves on only when
+    nothing reached the server (the connection was never made).
+    """
+    if not sent:
+        return _never_connected(exc)
+    if isinstance(exc, hvac_errors.VaultError):
+        status = http_status(exc)
+        if status == 500:
+            return bool(_NODE_CANNOT_SERVE.search(" ".join(str(e) for e in exc.errors or ())))
+        return status in _FAILOVER_STATUS
+    return is_transient(exc, idempotent)  # refused, reset, timed out (when it may be sent again)
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Refused, unreachable or timed out while connecting: the request never left this host."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.exceptions.ConnectionError):
+        return False
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)
+
+
 def is_transient(exc: BaseException, idempotent: bool = True) -> bool:
     # A certificate that fails verification will not pass on the next try.
     if isinstance(exc, requests.exceptions.SSLError):
@@ -154,7 +197,7 @@ def describe(exc: BaseException) -> str:
     if isinstance(exc, RedirectRefused | AnswerTooLarge | MalformedAnswer):
         return str(exc)
     if isinstance(exc, hvac_errors.VaultError):
-        status = _STATUS_OF.get(type(exc))
+        status = http_status(exc)
         errors = "; ".join(str(e) for e in exc.errors) if exc.errors else str(exc.args[0] if exc.args else "")
         errors = " ".join(errors.split())[:_MAX_REASON]  # one line, bounded: it may be a raw body
         prefix = f"HTTP {status}" if status else "unexpected HTTP status"
@@ -199,17 +242,17 @@ class VaultClient:
         wall: Callable[[], float] = time.time,  # only to read a certificate's expiration, a wall time
         metrics: Recorder = NO_METRICS,
     ) -> None:
-        if cfg.addr is None:
+        if not cfg.addrs:
             raise ConfigError("vault: no address; set [vault] addr, VAULT_ADDR or BAO_ADDR")
-        if origin(cfg.addr) is None:
+        if any(origin(addr) is None for addr in cfg.addrs):
             raise ConfigError("vault: addr must be http(s)://host[:port]")
         self.cfg = cfg
-        self.addr = without_userinfo(cfg.addr)
         self._environ = environ
         self._clock = clock
         self._sleep = sleep
         self._wall = wall
         self._deadline = clock() + cfg.startup_timeout
+        self._budget_cap = math.inf  # a shorter budget for a hint (sys/leader) than for a request
         self.owns_token = False  # True when this process logged in and so may revoke
         self._unwrapped: str | None = None  # a wrapped secret_id, once unwrapped: memory is its only copy
         self._lock = threading.RLock()  # the renewer thread and the main loop share one session
@@ -218,21 +261,32 @@ class VaultClient:
             self.session.observe = lambda method, url, seconds: metrics.vault_request(operation(method, url), seconds)
         self._cert: CertCopy | None = None  # the current token's login certificate, when one is configured
         self.client = self._hvac("", None)
-        if cfg.client_cert and cfg.addr.startswith("http://"):
-            log.warning("client_cert is never presented: the vault address is plain http", addr=self.addr)
-        if cfg.addr.startswith("http://") and not is_loopback_url(cfg.addr):
-            log.warning("vault address is plain http; tokens and secrets cross the network unencrypted", addr=self.addr)
+        self._leader_asked = len(cfg.addrs) == 1  # with several addresses, sys/leader is asked before the first request
+        first = without_userinfo(cfg.addrs[0])
+        if cfg.client_cert and first.startswith("http://"):
+            log.warning("client_cert is never presented: the vault address is plain http", addr=first)
+        for addr in cfg.addrs:
+            if addr.startswith("http://") and not is_loopback_url(addr):
+                log.warning(
+                    "vault address is plain http; tokens and secrets cross the network unencrypted",
+                    addr=without_userinfo(addr),
+                )
+
+    @property
+    def addr(self) -> str:
+        """The address requests go to now, for log lines: never a userinfo."""
+        return safe_url(self.session.current)
 
     def end_startup(self) -> None:
-        """From now on each request is tried once: the renewer keeps its own schedule."""
+        """From now on each request is tried once at each address: the renewer keeps its own schedule."""
         self._deadline = -math.inf
 
     def _budget(self) -> float:
         """Seconds the next request may take in total: request_timeout, and during the start no more than is left."""
         if self._deadline == -math.inf:
-            return self.cfg.request_timeout
+            return min(self.cfg.request_timeout, self._budget_cap)
         left = self._deadline - self._clock()
-        return min(self.cfg.request_timeout, max(left, _LAST_TRY))
+        return min(self.cfg.request_timeout, max(left, _LAST_TRY), self._budget_cap)
 
     # -- authentication ---------------------------------------------------------
 
@@ -293,7 +347,7 @@ class VaultClient:
         ignore_exceptions: every answer, whatever its status or shape, is judged here.
         """
         return hvac.Client(
-            url=self.cfg.addr,
+            url=self.cfg.addrs[0],  # the session aims each request at the active address
             token=token,
             timeout=self.cfg.request_timeout,
             namespace=self.cfg.namespace,
@@ -393,15 +447,14 @@ class VaultClient:
 
     def revoke_retired(self, retired: "RetiredToken") -> None:
         """Best effort, as for our own token: it expires by itself anyway. Its certificate copy is let go."""
-        with self._lock:
-            try:
-                self.session.cap = SMALL_ANSWER
-                document(retired.client.auth.token.revoke_self())
-                log.info("previous vault token revoked", addr=self.addr)
-            except Exception as e:
-                log.warning("previous vault token revoke failed", addr=self._failed_at(e), error=describe(e))
-            finally:
-                self.release(retired)
+        try:
+            revoke = retired.client.auth.token.revoke_self
+            self._call("revoke-self of the previous token", revoke, no_answer, retry=False)
+            log.info("previous vault token revoked", addr=self.addr)
+        except SecretInitError as e:
+            log.warning("previous vault token revoke failed", error=str(e))
+        finally:
+            self.release(retired)
 
     def release(self, retired: "RetiredToken") -> None:
         """Let a replaced token go: its certificate copy is closed."""
@@ -433,12 +486,11 @@ class VaultClient:
             if not self.owns_token:
                 return
             try:
-                self.session.cap = SMALL_ANSWER
-                document(self.client.auth.token.revoke_self())
+                self._call("token revoke-self", self.client.auth.token.revoke_self, no_answer, retry=False)
                 self.owns_token = False
                 log.info("vault token revoked", addr=self.addr)
-            except Exception as e:  # best effort: the token expires by itself anyway
-                log.warning("vault token revoke failed", addr=self._failed_at(e), error=describe(e))
+            except SecretInitError as e:  # best effort: the token expires by itself anyway
+                log.warning("vault token revoke failed", error=str(e))
 
     # -- reads ----------------------------------------------------------------------
 
@@ -534,24 +586,42 @@ class VaultClient:
         cap: int = SMALL_ANSWER,
         idempotent: bool | None = None,
         once: bool = False,
+        retry: bool = True,
     ) -> T:
         """Send with retries until startup_timeout; `check` turns the answer into what the caller uses.
 
-        A login's refusal (400 too) is a permission error; a login is not sent again after a read
-        timeout (it may have spent a single-use secret_id) unless `idempotent` says it can be.
+        Each try goes to every address in turn, from the active one, while the failure says that
+        node cannot serve (see fails_over); only then does it back off. A login's refusal (400 too)
+        is a permission error; a login is not sent again after a read timeout (it may have spent a
+        single-use secret_id) unless `idempotent` says it can be. `once`: never sent twice, to any
+        address, unless the connection was never made. `retry` False: one round of the addresses.
         """
         attempts = 0
         again = not is_login if idempotent is None else idempotent
 
         def attempt() -> T:
             nonlocal attempts
-            attempts += 1
-            self.session.cap = cap
-            return check(document(send()))
+            if not self._leader_asked:
+                self._ask_leader()
+            for left in reversed(range(len(self.cfg.addrs))):
+                attempts += 1
+                self.session.cap = cap
+                before = self.session.active
+                try:
+                    answer = check(document(send()))
+                except Exception as e:
+                    if left == 0 or not fails_over(e, again, sent=not once):
+                        raise
+                    self._fail_over(what, e)
+                    continue
+                if self.session.active != before:
+                    log.info("vault active node", addr=self.addr, learned="redirect")
+                return answer
+            raise AssertionError("the last address re-raises")  # pragma: no cover
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: is_transient(e, idempotent=again)),
-            stop=lambda _state: once or self._clock() >= self._deadline,
+            stop=lambda _state: once or not retry or self._clock() >= self._deadline,
             wait=self._wait,
             sleep=self._sleep,
             before_sleep=lambda state: log.warning(
@@ -576,19 +646,46 @@ class VaultClient:
         return max(0.0, min(backoff, self._deadline - self._clock()))
 
     def _failed_at(self, exc: BaseException | None) -> str:
-        """The address of the request that failed (the configured one, or where a redirect led), no userinfo."""
+        """The address of the request that failed (the node it went to, or where a redirect led), no userinfo."""
         request = getattr(exc, "request", None)
         url = getattr(request, "url", None) or getattr(exc, "url", None)
-        if not isinstance(url, str) or origin(url) == self.session.home:
-            return self.addr
-        return safe_url(url)
+        return safe_url(url) if isinstance(url, str) else self.addr
+
+    def _fail_over(self, what: str, exc: BaseException) -> None:
+        """Move to the next address at once; when the failed node answered, ask the next who leads."""
+        failed = self._failed_at(exc)
+        self.session.advance()
+        log.warning("vault failover", failed=failed, next=self.addr, request=what, error=describe(exc))
+        if isinstance(exc, hvac_errors.VaultError):  # alive but not serving: a standby, sealed, mid-election
+            self._ask_leader()
+
+    def _ask_leader(self) -> None:
+        """Prefer the active node when sys/leader (unauthenticated) names a configured address.
+
+        Its answer is only a hint: an address that is not configured is ignored, and a failure
+        leaves the active address as it is.
+        """
+        self._leader_asked = True
+        self._budget_cap = _LEADER_BUDGET
+        try:
+            self.session.cap = _LEADER_ANSWER
+            doc = document(self.client.sys.read_leader_status())
+        except Exception as e:
+            log.debug("vault sys/leader not answered", addr=self._failed_at(e), error=describe(e))
+            return
+        finally:
+            self._budget_cap = math.inf
+        leader = doc.get("leader_address") if doc is not None else None
+        before = self.session.active
+        if isinstance(leader, str) and self.session.prefer(leader) and self.session.active != before:
+            log.info("vault active node", addr=self.addr, learned="sys/leader")
 
     def _map_error(self, exc: Exception, what: str, attempts: int, is_login: bool, again: bool) -> SecretInitError:
         reason = describe(exc)
         addr = self._failed_at(exc)
         if isinstance(exc, RedirectRefused):
             return VaultUnavailableError(
-                f"vault at {addr}: {what}: {reason}; redirects are followed only to {safe_url(self.addr)}"
+                f"vault at {addr}: {what}: {reason}; redirects are followed only to the configured addresses"
             )
         if isinstance(exc, AnswerTooLarge | MalformedAnswer):
             return DataError(f"vault at {addr}: {what}: malformed answer: {reason}")
@@ -638,10 +735,9 @@ def _session(cfg: VaultConfig, environ: Mapping[str, str], budget: Callable[[], 
     proxies and the CA bundle it names are resolved here, once, as requests would
     (the proxies from os.environ: requests reads nothing else).
     """
-    assert cfg.addr is not None
-    session = VaultSession(cfg.addr, budget)
+    proxies = {addr: requests.utils.get_environ_proxies(addr) for addr in cfg.addrs}
+    session = VaultSession(cfg.addrs, budget, proxies)
     session.trust_env = False
-    session.proxies = requests.utils.get_environ_proxies(cfg.addr)
     session.verify = cfg.ca_cert or environ.get("REQUESTS_CA_BUNDLE") or environ.get("CURL_CA_BUNDLE") or True
     return session
 
@@ -658,6 +754,7 @@ _OPERATIONS = {
     "sys/wrapping/unwrap": "unwrap",
     "sys/wrapping/lookup": "lookup_wrapping",
     "sys/capabilities-self": "capabilities",
+    "sys/leader": "leader",
 }
 
 
@@ -719,9 +816,11 @@ def _status_error(response: requests.Response) -> hvac_errors.VaultError:
         errors = [e if isinstance(e, str) else json.dumps(e)[:_MAX_REASON] for e in errors[:10]]
     else:  # the body is not quoted: whatever answered may have put anything there, a secret included
         text, errors = f"no Vault errors in a {len(response.content)}-byte {_media_type(response)} body", None
-    return hvac_errors.VaultError.from_status(
+    error = hvac_errors.VaultError.from_status(
         response.status_code, text, errors=errors, method=response.request.method, url=response.url
     )
+    error.http_status = response.status_code  # hvac keeps no status; failover reads it
+    return error
 
 
 def _media_type(response: requests.Response) -> str:
