@@ -1,5 +1,6 @@
 """The renewal schedule as pure functions, with a scripted clock and seeded randomness."""
 
+import itertools
 import random
 
 import pytest
@@ -13,6 +14,7 @@ from secret_init.renewal import (
     TTL_GRANULARITY,
     LeaseState,
     after_error,
+    after_rotation_failed,
     after_probe,
     after_renewal,
     grace_for,
@@ -71,7 +73,42 @@ def test_errors_back_off_but_never_past_expiry() -> None:
     assert delays[0] <= 1.0 and delays[3] > delays[0]
     assert all(10.0 + d <= state.expires_at for d in delays)
     short = after_error(lease(duration=3, deadline=9), now=2.95, rng=random.Random(1))
-    assert short.next_renewal <= short.expires_at
+    assert short.next_renewal == FAR, "no try fits in the last LAST_TRY_MARGIN: rotation takes over"
+
+
+def test_the_last_second_before_expiry_gets_at_most_two_renewal_tries() -> None:
+    """Failures near expiry retry about once a second, never halving the time left (7-10 tries in the last
+    0.3 s before)."""
+    for seed in range(50):
+        rng = random.Random(seed)
+        state, now, tries = lease(duration=30, deadline=300), 20.0, []
+        while state.next_renewal != FAR:
+            tries.append(now)
+            state = after_error(state, now=now, rng=rng)
+            now = state.next_renewal
+        last_second = [t for t in tries if t > state.expires_at - 1.0]
+        assert len(last_second) <= 2 and all(t <= state.expires_at - 0.25 for t in tries), tries
+        assert all(b - a >= 0.25 for a, b in itertools.pairwise(tries)), tries
+
+
+def test_a_failed_rotation_near_expiry_is_retried_about_a_second_later_whatever_its_count() -> None:
+    """Its own counter: a tenth failure far from expiry backs off long; near or past expiry, about 1 s."""
+    far = lease(duration=300, deadline=3000)._replace(rotation_errors=9, rotating=True)
+    assert after_rotation_failed(far, now=10.0, rng=random.Random(1)).retry_at - 10.0 >= 15.0
+    near = far._replace(expires_at=12.0)
+    assert 0.75 <= after_rotation_failed(near, now=10.0, rng=random.Random(1)).retry_at - 10.0 <= 1.25
+    past = far._replace(expires_at=5.0, expired=True)
+    assert 0.75 <= after_rotation_failed(past, now=10.0, rng=random.Random(1)).retry_at - 10.0 <= 1.25
+    done = past._replace(gave_up=True)
+    assert after_rotation_failed(done, now=10.0, rng=random.Random(1)).retry_at - 10.0 >= 15.0
+
+
+def test_renewal_failures_do_not_delay_the_first_rotation_retry() -> None:
+    """An outage's eight renewal failures, then the rotation's first: backed off 0.5-1 s, by its own count
+    (a shared counter put it 15-30 s late, far from expiry too)."""
+    outage = lease(duration=300, deadline=3000)._replace(errors=8, rotating=True)
+    retried = after_rotation_failed(outage, now=10.0, rng=random.Random(1))
+    assert 0.5 <= retried.retry_at - 10.0 <= 1.0 and retried.rotation_errors == 1 and retried.errors == 8
 
 
 def test_next_wake_is_the_earliest_duty() -> None:

@@ -564,19 +564,37 @@ def test_sidecar_rides_out_a_renewal_outage_without_rotating(tmp_path: Path) -> 
     assert db_user["rotate_at"] is not None and db_user["last_renewal"] is not None
 
 
-def test_on_expiry_keep_retries_the_rotation_with_backoff_after_the_expiry(tmp_path: Path) -> None:
-    """Vault down past lease-1's expiry: keep running, stop renewing it, retry the re-read with backoff."""
+def test_on_expiry_keep_retries_the_rotation_about_once_a_second_past_the_expiry(tmp_path: Path) -> None:
+    """Vault down past lease-1's expiry: no renewal fits before it, so rotation starts just before it and is
+    retried about once a second (the grace); the app keeps running; the fifth read wins."""
     scene = Scene(tmp_path, extra='on_expiry = "keep"')
     scene.vault.probes = [VaultUnavailableError("down")] * 1000
     scene.vault.reads = [VaultUnavailableError("down")] * 4
     renewer = scene.begin()
     scene.run(600.0, stop=lambda: renewer.snapshot()[DB].lease_id != "lease-1")
     reads = scene.vault.times("read")
-    assert len(reads) == 5 and reads[0] > 10.0, "no read before the expiry: the lease was never probed"
-    assert all(0.5 <= b - a <= ERROR_BACKOFF_MAX for a, b in itertools.pairwise(reads)), reads
-    assert all(at < 10.0 for at in scene.vault.times("probe")), "an expired lease is not renewed"
+    assert len(reads) == 5 and 9.0 < reads[0] < 10.0, "rotation starts once no renewal fits before the expiry"
+    assert all(0.75 <= b - a <= 1.25 for a, b in itertools.pairwise(reads)), reads
+    probes = scene.vault.times("probe")
+    assert all(at < 10.0 for at in probes), "an expired lease is not renewed"
+    assert sum(at > 9.0 for at in probes) <= 2, f"no burst of renewals at the end: {probes}"
     assert not scene.loop.stopping and scene.loop.forced_exit is None
     assert scene.file("db_user") == "user-2" and renewer.snapshot()[DB].lease_id == "lease-2"
+
+
+def test_on_expiry_keep_backs_off_again_once_the_grace_is_over(tmp_path: Path) -> None:
+    """After expiry_grace, "keep" goes on retrying with the usual backoff (up to 30 s), not once a second."""
+    scene = Scene(tmp_path, extra='on_expiry = "keep"\nexpiry_grace = "5s"')
+    scene.vault.probes = [VaultUnavailableError("down")] * 1000
+    scene.vault.reads = [VaultUnavailableError("down")] * 1000
+    renewer = scene.begin()
+    scene.run(200.0)
+    reads = scene.vault.times("read")
+    in_grace = [b - a for a, b in itertools.pairwise(reads) if b <= 15.0]
+    after = [b - a for a, b in itertools.pairwise(reads) if a >= 16.0]
+    assert in_grace and all(d <= 1.25 for d in in_grace), in_grace
+    assert after and max(after) > 10.0 and all(d <= ERROR_BACKOFF_MAX for d in after), after
+    assert renewer.snapshot()[DB].gave_up and not scene.loop.stopping
 
 
 def test_a_failed_re_read_is_retried_about_a_second_later_and_wins(tmp_path: Path) -> None:

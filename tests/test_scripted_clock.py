@@ -159,16 +159,41 @@ def test_a_capped_lease_is_rotated_files_rewritten_and_the_old_lease_revoked(sce
     assert read_at < probed_at + 6.0 - TTL_GRANULARITY, "rotated before the old lease's deadline"
 
 
-def test_an_outage_until_expiry_stops_with_75(scene: Scene) -> None:
-    """Every renewal and read fails until the lease expires: on_expiry = "stop" ends the loop with 75."""
+def test_an_outage_until_expiry_stops_with_75_after_the_grace(scene: Scene) -> None:
+    """Every renewal and read fails: rotation is retried about once a second for expiry_grace (30 s by
+    default) past the expiry, then on_expiry = "stop" ends the loop with 75."""
+    scene.vault.probes = [VaultUnavailableError("down")] * 100
+    scene.vault.renewals = [VaultUnavailableError("down")] * 100
+    scene.vault.reads = [VaultUnavailableError("down")] * 100
+    scene.begin()
+    scene.run(120.0)
+    assert scene.loop.stopping and scene.loop.forced_exit == 75
+    assert scene.clock.now == pytest.approx(10.0 + 30.0), "acted on when the grace ran out"
+    reads = [at for at, _ in scene.vault.called("read")]
+    assert len(reads) >= 25 and all(0.75 <= b - a <= 1.25 for a, b in itertools.pairwise(reads)), reads
+    assert scene.file("db_user") == "user-1", "nothing new was written"
+
+
+def test_expiry_grace_zero_stops_at_the_expiry_itself(tmp_path: Path) -> None:
+    """expiry_grace = 0: the old behaviour, on_expiry at the expiry."""
+    scene = Scene(tmp_path, extra='expiry_grace = "0s"')
     scene.vault.probes = [VaultUnavailableError("down")] * 100
     scene.vault.renewals = [VaultUnavailableError("down")] * 100
     scene.vault.reads = [VaultUnavailableError("down")] * 100
     scene.begin()
     scene.run(60.0)
-    assert scene.loop.stopping and scene.loop.forced_exit == 75
-    assert scene.clock.now == pytest.approx(10.0), "acted on at the expiry itself"
-    assert scene.file("db_user") == "user-1", "nothing new was written"
+    assert scene.loop.forced_exit == 75 and scene.clock.now == pytest.approx(10.0)
+
+
+def test_vault_back_within_the_grace_rotates_and_the_app_stays(scene: Scene) -> None:
+    """Vault answers 6 s after the expiry: the next retry (about a second later at most) rotates; no stop."""
+    scene.vault.probes = [VaultUnavailableError("down")] * 100
+    scene.vault.renewals = [VaultUnavailableError("down")] * 100
+    scene.vault.reads = [VaultUnavailableError("down")] * 7
+    renewer = scene.begin()
+    scene.run(60.0, stop=lambda: renewer.snapshot()[DB].lease_id != "lease-1")
+    assert scene.loop.forced_exit is None and not scene.loop.stopping
+    assert 15.0 < scene.clock.now < 18.0 and scene.file("db_user") == "user-2"
 
 
 def test_an_outage_until_expiry_keeps_running_with_keep(tmp_path: Path) -> None:
