@@ -732,11 +732,12 @@ class Renewer(threading.Thread):
         return [retired for retired, state in self.retired if self.clock() < min(state.deadline, state.expires_at)]
 
     def _tend_held(self, now: float) -> None:
-        """Renew each held lease on its own schedule; one past its expiry is let go (nothing renews it back)."""
+        """Renew each held lease on its own schedule; one past its expiry is renewed no more (nothing renews it
+        back), but kept until release(): its expiry tells the loop not to revoke it."""
         with self._lock:
-            expired = [lease_id for lease_id, held in self._held.items() if now >= held.expires_at]
+            expired = [i for i, held in self._held.items() if now >= held.expires_at and held.next_renewal != FAR]
             for lease_id in expired:
-                del self._held[lease_id]
+                self._held[lease_id] = self._held[lease_id]._replace(next_renewal=FAR)
             due = [held for held in self._held.values() if held_renewal(held, now)]
         for lease_id in expired:
             log.info("previous lease expired before its revoke", lease_id=lease_id)

@@ -438,7 +438,14 @@ class Scene:
     """A sidecar Supervised loop on a scripted clock; its files land in `out`."""
 
     def __init__(
-        self, tmp_path: Path, extra: str = "", static: bool = False, token: TokenInfo = NEVER, certificate: bool = False
+        self,
+        tmp_path: Path,
+        extra: str = "",
+        static: bool = False,
+        token: TokenInfo = NEVER,
+        certificate: bool = False,
+        stop_timeout: str = "2s",
+        vault_extra: str = "",
     ) -> None:
         self.clock = Clock()
         self.vault = FakeVault(self.clock, token)
@@ -446,8 +453,8 @@ class Scene:
         params = 'params = { common_name = "x" }\n' if certificate else ""  # DB is then written, like pki/issue/ROLE
         text = (
             f'[output]\ndir = "{self.out}"\nallow_non_tmpfs = true\n'
-            f'[vault]\naddr = "http://127.0.0.1:1"\nrefresh_interval = "60s"\n'
-            f'[process]\nstop_timeout = "2s"\n{extra}\n'
+            f'[vault]\naddr = "http://127.0.0.1:1"\nrefresh_interval = "60s"\n{vault_extra}\n'
+            f'[process]\nstop_timeout = "{stop_timeout}"\n{extra}\n'
             f'[[secret]]\nname = "db_user"\nsource = "vault:{DB}#username"\n{params}'
             f'[[secret]]\nname = "db_password"\nsource = "vault:{DB}#password"\n{params}'
         )
@@ -686,3 +693,50 @@ def test_a_relogin_whose_lookup_fails_still_learns_the_new_tokens_limits() -> No
     drive(renewer, clock, 120.0)
     assert vault.times("login")[0] == 30.0
     assert renewer.token.deadline < FAR and len(vault.times("login")) >= 2
+
+
+def test_a_signalled_app_keeps_its_old_lease_renewed_until_the_delayed_revoke(tmp_path: Path) -> None:
+    """Signal mode (the sidecar's app is signalled too): lease-1 stays renewed after the rotation, until its
+    revoke stop_timeout later, and is not renewed after it (it used to die at its expiry, 2 s after the signal)."""
+    scene = Scene(tmp_path, stop_timeout="8s")
+    scene.vault.probes = [(30.0, 10.0)]  # deadline PROBE_AT + 29: rotation due at about 20.8
+    renewer = scene.begin()
+    scene.run(60.0, stop=lambda: bool(scene.vault.called("revoke")))
+    rotated = renewer.snapshot()[DB].rotated_at
+    assert rotated is not None and scene.file("db_user") == "user-2"
+    ((revoked_at, revoked),) = scene.vault.called("revoke")
+    assert revoked == "lease-1" and revoked_at == pytest.approx(rotated + 8.0)
+    held = [at for at, (lease_id, _) in scene.vault.called("renew") if lease_id == "lease-1" and at > rotated]
+    assert held and all(at < revoked_at for at in held), "renewed while held, and not after its revoke"
+    scene.run(revoked_at + 30.0)
+    assert not [at for at, (lease_id, _) in scene.vault.called("renew") if lease_id == "lease-1" and at > revoked_at]
+
+
+def test_a_held_lease_past_its_expiry_is_not_revoked(tmp_path: Path) -> None:
+    """rotate_before = 1s: lease-1 reaches its max TTL (2 s after the rotation) before its revoke (8 s after):
+    Vault has dropped it, so no revoke is sent (OpenBao answers 204 for an unknown lease: "revoked" would lie)."""
+    scene = Scene(tmp_path, extra='rotate_before = "1s"', stop_timeout="8s")
+    scene.vault.probes = [(30.0, 10.0)]
+    renewer = scene.begin()
+    scene.run(60.0, stop=lambda: renewer.snapshot()[DB].lease_id != "lease-1")
+    rotated = renewer.snapshot()[DB].rotated_at
+    assert rotated is not None
+    scene.run(rotated + 9.0)
+    assert not scene.loop.pending_revokes, "the revoke came due"
+    assert "lease-1" not in [arg for _, arg in scene.vault.called("revoke")]
+    scene.loop.finish()
+    assert "lease-1" not in [arg for _, arg in scene.vault.called("revoke")]
+
+
+def test_revoke_on_exit_false_leaves_the_token_and_the_current_lease_but_revokes_a_rotated_away_one(
+    tmp_path: Path,
+) -> None:
+    """The token's leases live while it does: revoking it would revoke them, whatever revoke_on_exit said."""
+    scene = Scene(tmp_path, vault_extra="revoke_on_exit = false", stop_timeout="8s")
+    scene.vault.owns_token = True
+    scene.vault.probes = [PermissionRefusedError("lease not found")]  # rotates at once; lease-1 pending
+    scene.begin()
+    scene.run(30.0, stop=lambda: bool(scene.vault.called("read")))
+    scene.loop.finish()
+    assert [arg for _, arg in scene.vault.called("revoke")] == ["lease-1"], "the old one goes, lease-2 stays"
+    assert not scene.vault.called("revoke_token")
