@@ -48,6 +48,11 @@ class Metrics(Recorder):
         self._restarts = prom.Counter(
             "secret_init_app_restarts", "Restarts of the app for new credentials.", registry=self.registry
         )
+        self._failovers = prom.Counter(
+            "secret_init_vault_failovers",
+            "Requests moved on to the next Vault address: the one tried could not serve them.",
+            registry=self.registry,
+        )
         self._requests = prom.Histogram(
             "secret_init_vault_request_duration_seconds",
             "Vault HTTP requests, answered or failed, by operation.",
@@ -72,6 +77,9 @@ class Metrics(Recorder):
 
     def app_restart(self) -> None:
         self._restarts.inc()
+
+    def failover(self) -> None:
+        self._failovers.inc()
 
     def publish(self, leases: Mapping[str, LeaseTimes], token_expiry: float | None) -> None:
         self._snapshot = (dict(leases), token_expiry)  # replaced whole: the scrape thread reads it unlocked

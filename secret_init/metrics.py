@@ -31,6 +31,9 @@ class Recorder:
     def vault_request(self, operation: str, seconds: float) -> None:
         """One HTTP request to Vault, answered or not, by operation (never by path)."""
 
+    def failover(self) -> None:
+        """A request moved on from a Vault address that could not serve it to the next one."""
+
     def renewal(self, ok: bool) -> None:
         """A lease or token renewal (a max-TTL probe counts as one)."""
 

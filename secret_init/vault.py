@@ -257,6 +257,7 @@ class VaultClient:
         self._unwrapped: str | None = None  # a wrapped secret_id, once unwrapped: memory is its only copy
         self._lock = threading.RLock()  # the renewer thread and the main loop share one session
         self.session = _session(cfg, environ, self._budget)
+        self._metrics = metrics
         if metrics is not NO_METRICS:
             self.session.observe = lambda method, url, seconds: metrics.vault_request(operation(method, url), seconds)
         self._cert: CertCopy | None = None  # the current token's login certificate, when one is configured
@@ -655,6 +656,7 @@ class VaultClient:
         """Move to the next address at once; when the failed node answered, ask the next who leads."""
         failed = self._failed_at(exc)
         self.session.advance()
+        self._metrics.failover()
         log.warning("vault failover", failed=failed, next=self.addr, request=what, error=describe(exc))
         if isinstance(exc, hvac_errors.VaultError):  # alive but not serving: a standby, sealed, mid-election
             self._ask_leader()
