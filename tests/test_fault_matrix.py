@@ -444,11 +444,12 @@ def test_postgres_down_past_the_deadline_stops_the_app_with_75(
     own_database: OwnDatabase, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
 ) -> None:
     """PostgreSQL stays down from just after the probe: rotation (and renewal) is retried until the
-    credentials expire (probe + 8 s), then on_expiry = "stop" stops the app and secret-init exits 75."""
+    credentials expire (probe + 8 s) and for expiry_grace (2 s) more, then on_expiry = "stop" stops the app and
+    secret-init exits 75."""
     began = time.monotonic()
     own = own_database
     creds = own.new_role(*DB_DOWN_TTLS)
-    cfg = lease_config(workdir, tmpfs / "out", own.bao, creds, app_user.name, role=own.role)
+    cfg = lease_config(workdir, tmpfs / "out", own.bao, creds, app_user.name, 'expiry_grace = "2s"', role=own.role)
     run = Supervision(cfg, [*db_app, str(own.pg.port)])
     try:
         run.until(starts(1), 20)
@@ -482,7 +483,7 @@ def test_postgres_down_past_the_deadline_stops_the_app_with_75(
     assert len(run.logged("vault read failed")) >= 2, "the rotation was retried until the deadline"
     assert run.events("stop"), "the app was stopped (stop_signal), not left running"
     assert run.logged("lease rotated") == [], "no rotation could succeed"
-    assert 7.0 <= expired - probed <= 8.5, "on_expiry acts at the expiry the probe's renewal gave (8 s)"
+    assert 9.0 <= expired - probed <= 10.5, "on_expiry acts 2 s (expiry_grace) after the expiry the probe gave (8 s)"
     assert at_exit == (1, 1), "with PostgreSQL down, the revoke on exit cannot drop the role (nor Vault, yet)"
     assert "Traceback" not in run.stderr
 

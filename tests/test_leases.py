@@ -291,9 +291,10 @@ def test_vault_outage_then_recovery_then_expiry(
     database: Database, tmpfs: Path, workdir: Path, app_user: UnixUser, db_app: list[str]
 ) -> None:
     """Freeze OpenBao (SIGSTOP) across a renewal: it fails, the app runs on. Thaw it in time:
-    renewal resumes. Freeze it for good: at expiry, on_expiry = "stop" stops the app, exit 75."""
+    renewal resumes. Freeze it for good: expiry_grace (3 s here) after the expiry, on_expiry = "stop"
+    stops the app, exit 75."""
     creds = database.role("10s", "60s")
-    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name)
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name, 'expiry_grace = "3s"')
     run = Run(cfg, db_app, database.pg.port)
     bao_pid = database.bao.pid
     try:
@@ -317,7 +318,11 @@ def test_vault_outage_then_recovery_then_expiry(
         code = run.finish()
     assert failures >= 1
     assert code == 75, run.stderr[-3000:]
-    assert run.logged("credentials expired; stopping the app (on_expiry = stop)")
+    expired = run.logged("lease expired before it could be rotated; retrying rotation about once a second")
+    stopped = run.logged("credentials expired; stopping the app (on_expiry = stop)")
+    assert expired and stopped and stopped[0]["expiry_grace"] == 3.0
+    grace = [e for e in run.logged("rotation failed, retrying") if e["timestamp"] > expired[0]["timestamp"]]
+    assert len(grace) >= 1, "rotation was retried during the grace"
     assert len(run.events("start")) == 1, "one app the whole time"
     assert not [p for p in run.events("probe")[:-3] if not p["ok"]], "probes pass while credentials are valid"
 
@@ -328,7 +333,8 @@ def test_on_expiry_keep_runs_on_and_recovers_when_vault_returns(
 ) -> None:
     """on_expiry = "keep": past expiry the app keeps running; once Vault is back, rotation succeeds."""
     creds = database.role("3s", "60s")
-    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name, 'on_expiry = "keep"')
+    keep = 'on_expiry = "keep"\nexpiry_grace = "1s"'
+    cfg = lease_config(workdir, tmpfs / "out", database.bao, creds, app_user.name, keep)
     run = Run(cfg, db_app, database.pg.port)
     bao_pid = database.bao.pid
     try:
