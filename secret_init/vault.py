@@ -669,16 +669,19 @@ class VaultClient:
         """
         self._leader_asked = True
         self._budget_cap = _LEADER_BUDGET
+        before = self.session.active
         try:
             self.session.cap = _LEADER_ANSWER
             doc = document(self.client.sys.read_leader_status())
         except Exception as e:
             log.debug("vault sys/leader not answered", addr=self._failed_at(e), error=describe(e))
-            return
+            doc = None
         finally:
             self._budget_cap = math.inf
+        if self.session.active != before:  # sys/leader itself was redirected to another configured address
+            log.info("vault active node", addr=self.addr, learned="redirect")
+            before = self.session.active
         leader = doc.get("leader_address") if doc is not None else None
-        before = self.session.active
         if isinstance(leader, str) and self.session.prefer(leader) and self.session.active != before:
             log.info("vault active node", addr=self.addr, learned="sys/leader")
 
