@@ -34,8 +34,9 @@ end of the window (`--warmup` s before the fault, `--window` s after it):
   - secret-init's exits during the window, with their codes and times after the fault (restarts follow);
   - from secret-init's log: rotations, "vault failover" events, leases that expired unrotated.
 Also: the election time (the fault until the serving nodes agree on a new leader), the node's
-return in b, and PostgreSQL's VALID UNTIL for each role (polled every 0.3 s) against the last
-successful login with it, and against the time secret-init logged the lease's expiry.
+return in b, and for each lease secret-init logged as expired unrotated: the last successful login
+with its credentials, when its role left pg_roles (dropped by a revocation), and its VALID UNTIL
+(pg_roles is polled every 0.3 s), each against the time of that log line.
 
 Nothing is faked: the cluster, PostgreSQL, the agent, secret-init and the app are real processes.
 """
@@ -273,6 +274,7 @@ class Outcome:
     failures_span: tuple[float, float] | None = None  # first and last failed login, seconds after the fault
     accepted_after_expiry: list[float] = field(default_factory=list)  # last ok login - secret-init's expiry log
     valid_until_after_expiry: list[float] = field(default_factory=list)  # VALID UNTIL - secret-init's expiry log
+    dropped_after_expiry: list[float | None] = field(default_factory=list)  # role last seen - the expiry log
     late_vs_valid_until: float | None = None  # max(ok login time - the role's VALID UNTIL)
 
     def cell(self) -> str:
@@ -358,6 +360,8 @@ def analyse(
             outcome.accepted_after_expiry.append(max(ok_as_user) - expired_at)
         if user in watch.valid_until:
             outcome.valid_until_after_expiry.append(watch.valid_until[user] - expired_at)
+            seen = watch.last_seen[user]
+            outcome.dropped_after_expiry.append(None if seen >= t1 else seen - expired_at)
     return outcome
 
 
@@ -492,6 +496,15 @@ def fmt(value: float | None, unit: str = " s") -> str:
     return "–" if value is None else f"{value:.1f}{unit}"
 
 
+def per_column(run: FaultRun, values: str) -> str:
+    """One Outcome list field of each consumer that has values: "si1: 1.6; si1-keep: -0.2"."""
+    return "; ".join(
+        f"{o.column.key}: " + ", ".join("alive" if x is None else f"{x:.1f}" for x in getattr(o, values))
+        for o in run.outcomes
+        if getattr(o, values)
+    )
+
+
 def report(runs: list[FaultRun], args: argparse.Namespace) -> None:
     print(f"secret-init: {SECRET_INIT}" + (f" (commit {COMMIT})" if COMMIT else ""))
     print(
@@ -525,18 +538,17 @@ def report(runs: list[FaultRun], args: argparse.Namespace) -> None:
     print()
     print(
         "| fault | election s | node back s | latest ok login - its role's VALID UNTIL, s (max) "
-        "| PostgreSQL accepted the credentials after secret-init logged their expiry, s | VALID UNTIL - that log, s "
-        "| notes |"
+        "| last ok login with an expired lease's credentials - secret-init's log of that expiry, s "
+        "| the role dropped (last seen in pg_roles) - that log, s | its VALID UNTIL - that log, s | notes |"
     )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for run in runs:
         lates = [o.late_vs_valid_until for o in run.outcomes if o.late_vs_valid_until is not None]
-        accepted = [x for o in run.outcomes for x in o.accepted_after_expiry]
-        valid = [x for o in run.outcomes for x in o.valid_until_after_expiry]
         print(
             f"| {run.fault} | {fmt(run.election, '')} | {fmt(run.back, '')} | "
-            f"{fmt(max(lates) if lates else None, '')} | "
-            f"{', '.join(f'{x:.1f}' for x in accepted) or '–'} | {', '.join(f'{x:.1f}' for x in valid) or '–'} | "
+            f"{fmt(max(lates) if lates else None, '')} | {per_column(run, 'accepted_after_expiry') or '–'} | "
+            f"{per_column(run, 'dropped_after_expiry') or '–'} | "
+            f"{per_column(run, 'valid_until_after_expiry') or '–'} | "
             f"{'; '.join(run.notes)} |"
         )
     elections = [r.election for r in runs if r.election is not None]
