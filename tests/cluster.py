@@ -522,10 +522,12 @@ def secret_init_config(
     process: str = "",
     vault: str = "",
     creds: str = "database/creds/app",
+    stop_timeout: str = "2s",
 ) -> str:
     """secret-init's TOML: AppRole against the cluster's addresses (in this order; one address is
     written as a plain string, the single-address form), the whole credential as one JSON file
-    `db.json` ($DB_JSON_FILE for the app), and extra `[process]`/`[vault]` lines."""
+    `db.json` ($DB_JSON_FILE for the app), `stop_timeout` (also the delayed revoke of signal mode),
+    and extra `[process]`/`[vault]` lines."""
     addrs = json.dumps(cluster_addrs[0] if len(cluster_addrs) == 1 else cluster_addrs)
     return f"""
 [output]
@@ -542,7 +544,7 @@ request_timeout = "2s"
 {vault}
 
 [process]
-stop_timeout = "2s"
+stop_timeout = "{stop_timeout}"
 {process}
 
 [[secret]]
