@@ -2,6 +2,8 @@
 
     bash bench/run-ha                        # as root: installs HEAD's secret-init, prints markdown tables
     bash bench/run-ha --faults a,c --runs 2  # a subset, twice each
+    bash bench/run-ha --json /tmp/ha.json    # also keep the figures; later, one table of several such files:
+    .venv/bin/python bench/ha.py --from /tmp/ha-1.json /tmp/ha-2.json
 
 Each fault gets a fresh cluster from tests/cluster.py (3 non-dev nodes, raft storage in temp dirs,
 TLS with a CA made for the run, `performance_multiplier = 1`, so an election takes a few seconds),
@@ -286,6 +288,7 @@ class Outcome:
 class FaultRun:
     fault: str
     window: float
+    commit: str = COMMIT
     election: float | None = None
     back: float | None = None  # fault b: the kill until the node is unsealed again
     outcomes: list[Outcome] = field(default_factory=list)
@@ -496,6 +499,43 @@ def fmt(value: float | None, unit: str = " s") -> str:
     return "–" if value is None else f"{value:.1f}{unit}"
 
 
+def merged_cell(outcomes: list[Outcome]) -> str:
+    """Several runs of one consumer under one fault: "0 / 1 failed of ~440; down 0.4 / 0.3 s; exits: none / 75"."""
+    if not outcomes:
+        return "–"
+    failed = " / ".join(str(o.failed) for o in outcomes)
+    logins = round(statistics.mean(o.logins for o in outcomes))
+    down = " / ".join(f"{o.down:.1f}" for o in outcomes)
+    text = f"{failed} failed of ~{logins}; down {down} s"
+    if outcomes[0].column.key == "agent":
+        return text
+    exits = " / ".join(", ".join(str(code) for _, code in o.exits) or "none" for o in outcomes)
+    return f"{text}; exits: {exits}"
+
+
+def load_runs(paths: list[Path]) -> list[FaultRun]:
+    """FaultRuns back from --json files (several runs, possibly of several commits, in one report)."""
+    by_key = {c.key: c for c in COLUMNS}
+    runs = []
+    for path in paths:
+        for item in json.loads(path.read_text()):
+            run = FaultRun(item["fault"], item.get("window", 0.0), item.get("commit", ""))
+            run.election, run.back, run.notes = item["election"], item["back"], item["notes"]
+            for o in item["outcomes"]:
+                outcome = Outcome(by_key[o["column"]])
+                for name, value in o.items():
+                    if name == "column":
+                        continue
+                    if name == "exits":
+                        value = [tuple(x) for x in value]
+                    elif name == "failures_span" and value is not None:
+                        value = tuple(value)
+                    setattr(outcome, name, value)
+                run.outcomes.append(outcome)
+            runs.append(run)
+    return runs
+
+
 def per_column(run: FaultRun, values: str) -> str:
     """One Outcome list field of each consumer that has values: "si1: 1.6; si1-keep: -0.2"."""
     return "; ".join(
@@ -506,18 +546,26 @@ def per_column(run: FaultRun, values: str) -> str:
 
 
 def report(runs: list[FaultRun], args: argparse.Namespace) -> None:
-    print(f"secret-init: {SECRET_INIT}" + (f" (commit {COMMIT})" if COMMIT else ""))
+    if not args.saved:
+        print(f"secret-init: {SECRET_INIT}" + (f" (commit {COMMIT})" if COMMIT else ""))
     print(
         f"Window: from every app's first successful login, {args.warmup:.0f} s before the fault, "
         f"to {args.window:.0f} s after it. Restart policy for secret-init: a new start "
         f"{args.restart_delay:g} s after any exit."
     )
+    commits = sorted({r.commit for r in runs if r.commit and r.commit != COMMIT})
+    if commits:
+        print("Commits measured: " + "; ".join(commits))
     print()
-    print("| fault | " + " | ".join(c.title for c in COLUMNS) + " |")
-    print("| --- |" + " --- |" * len(COLUMNS))
-    for run in runs:
-        cells = [o.cell() for o in run.outcomes]
-        print(f"| {run.fault}: {FAULTS[run.fault]} | " + " | ".join(cells) + " |")
+    columns = [c for c in COLUMNS if any(o.column.key == c.key for r in runs for o in r.outcomes)]
+    print("| fault | " + " | ".join(c.title for c in columns) + " |")
+    print("| --- |" + " --- |" * len(columns))
+    for fault in dict.fromkeys(r.fault for r in runs):
+        same = [r for r in runs if r.fault == fault]
+        cells = [merged_cell([o for r in same for o in r.outcomes if o.column.key == c.key]) for c in columns]
+        print(
+            f"| {fault}: {FAULTS[fault]} ({len(same)} run{'s' if len(same) > 1 else ''}) | " + " | ".join(cells) + " |"
+        )
     print()
     print(
         "| fault | consumer | logins | failed | failed from / to (s after the fault) | down s | longest gap s "
@@ -573,7 +621,13 @@ def main() -> int:
     )
     parser.add_argument("--keep-logs", type=Path, help="copy every probe, secret-init and agent log here")
     parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument(
+        "--from", dest="saved", type=Path, nargs="+", help="print the tables of earlier --json files; run nothing"
+    )
     args = parser.parse_args()
+    if args.saved:
+        report(load_runs(args.saved), args)
+        return 0
     faults = args.faults.split(",")
     if not set(faults) <= set(FAULTS):
         parser.error(f"unknown fault in --faults: {args.faults}")
@@ -607,6 +661,8 @@ def main() -> int:
 def _plain(run: FaultRun) -> dict[str, Any]:
     return {
         "fault": run.fault,
+        "window": run.window,
+        "commit": run.commit,
         "election": run.election,
         "back": run.back,
         "notes": run.notes,
