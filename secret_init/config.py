@@ -305,12 +305,21 @@ def _urls(value: object) -> str | tuple[str, ...] | None:
         if addr is None:
             _reject(f"#{i} is empty")
         addr = addr.rstrip("/")
-        if addr.lower() in (a.lower() for a in addrs):
+        if _node(addr) in (_node(a) for a in addrs):
             _reject(f"#{i} {_quote(addr)} is listed twice")
         addrs.append(addr)
     if len({a.split(":", 1)[0].lower() for a in addrs}) > 1:
         _reject("mixes http:// and https://: one plain address would carry the token in clear; use one scheme")
     return addrs[0] if len(addrs) == 1 else tuple(addrs)
+
+
+def _node(addr: str) -> tuple[str, str, int]:
+    """(scheme, host, port) of a valid address, the default port filled in: `https://v` is `https://v:443`."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(addr)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80)
 
 
 def _host_and_port_parse(addr: str) -> bool:

@@ -50,6 +50,10 @@ class MissingFieldError(DataError):
     pass
 
 
+class RequestRejected(DataError):
+    """Vault answered 400 to a request that is not a login: for a lease, it no longer exists."""
+
+
 class SourceError(SecretInitError):
     exit_code = ExitCode.NO_INPUT
 

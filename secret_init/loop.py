@@ -349,7 +349,9 @@ class Supervised:
             m.lease.lease_id: None for m in self.done.materials if m.lease and m.lease.revocable
         }
         if self.renewer is not None:
-            self.renewer.stop(timeout=self.cfg.vault.request_timeout * 3)
+            # A renewer mid-request may be trying every address in turn, and may ask sys/leader (2 s) once.
+            addresses = len(self.cfg.vault.addrs)
+            self.renewer.stop(timeout=(self.cfg.vault.request_timeout * addresses + 2) * 3)
             leases = self.renewer.snapshot().values()
             current = {lease.lease_id: lease.expires_at for lease in leases if lease.revocable}
         # Rotated away: nothing uses them after the app, so they go even with revoke_on_exit = false.

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, NamedTuple, TypeVar
 
 import structlog
 
-from secret_init.errors import SecretInitError
+from secret_init.errors import RequestRejected, SecretInitError
 from secret_init.metrics import NO_METRICS, Recorder
 
 if TYPE_CHECKING:
@@ -349,6 +349,8 @@ def token_failed(token: TokenState, action: str, now: float, rng: random.Random)
     errors = token.errors + 1
     retry = now + _backoff(errors, rng)
     if action == "relogin":
+        if now >= token.expires_at:  # no token at all: every rotation waits on this one
+            retry = now + _soon(rng)
         return token._replace(errors=errors, next_relogin=retry)
     if action == "renew" and retry > token.expires_at - URGENT:
         retry = min(retry, now + _soon(rng))
@@ -430,8 +432,11 @@ class Renewer(threading.Thread):
     def hold(self, lease: LeaseState) -> None:
         """Keep renewing a rotated-away lease the app may still use, until release(): a signalled app
         switches to the new credentials in its own time."""
+        held = lease._replace(rotating=False, retry_at=FAR)
+        if not lease.renewable:  # it only expires (a certificate's lease): nothing to wake for
+            held = held._replace(next_renewal=FAR)
         with self._lock:
-            self._held[lease.lease_id] = lease._replace(rotating=False, retry_at=FAR)
+            self._held[lease.lease_id] = held
         self._wake.set()
 
     def release(self, lease_id: str) -> float | None:
@@ -467,7 +472,8 @@ class Renewer(threading.Thread):
         now = self.clock()
         with self._lock:
             lease = self._leases.get(path)
-            if lease is None or lease.lease_id != lease_id or lease.expired:
+            # Re-checked here: a renewal may have answered since the loop's snapshot.
+            if lease is None or lease.lease_id != lease_id or lease.expired or now < lease.expires_at:
                 return False
             self._leases[path] = after_expiry(lease, now)
         self._wake.set()
@@ -542,7 +548,7 @@ class Renewer(threading.Thread):
         times = [self.token.next_action, *retired_times]
         with self._lock:
             times += [next_wake(lease, self.configured_rotate_before) for lease in self._leases.values()]
-            times += [held.next_renewal for held in self._held.values() if held.next_renewal < held.expires_at]
+            times += [held.next_renewal for held in self._held.values() if held_renewal(held, held.next_renewal)]
             times += list(self._refresh.values())
         return min(times)
 
@@ -644,10 +650,14 @@ class Renewer(threading.Thread):
         if action is None:
             return
         if action == "expired":
-            # Its leases die with it. A token we logged in for is replaced at once: the rotations that follow
-            # need one; a supplied token cannot be.
+            # Its leases die with it: each is rotated now (the loop sees them expired), onto a new token when
+            # secret-init logged in for this one (at once, then about once a second); a supplied one cannot be.
             relogin = now if self.client.owns_token else FAR
             self.token = self.token._replace(next_renewal=FAR, next_relogin=relogin)
+            with self._lock:
+                for path, lease in self._leases.items():
+                    if lease.revocable and lease.expires_at > self.token.expires_at:
+                        self._leases[path] = lease._replace(expires_at=self.token.expires_at, next_renewal=FAR)
             log.error("vault token expired", relogin=self.client.owns_token)
             return
         try:
@@ -655,7 +665,7 @@ class Renewer(threading.Thread):
                 self._learn_token()
                 self._cap_leases_by_token()
             elif action == "relogin":
-                self._relogin(now)
+                self._relogin(now, "the token expired" if now >= self.token.expires_at else "halfway to its max TTL")
             else:
                 ttl = self.client.renew_token(self.token.ttl)
                 self.token = token_renewed(self.token, self.clock(), ttl, self.rng)
@@ -686,9 +696,9 @@ class Renewer(threading.Thread):
                 if lease.revocable:  # a certificate without a Vault lease outlives the token
                     self._leases[path] = capped_by_token(lease, self.token.deadline, self.configured_rotate_before)
 
-    def _relogin(self, now: float) -> None:
+    def _relogin(self, now: float, reason: str) -> None:
         previous, state = self.client.relogin(), self.token
-        log.info("token re-login", reason="halfway to the token's max TTL")
+        log.info("token re-login", reason=reason)
         if previous is None:
             return
         if state.known and now < min(state.deadline, state.expires_at):
@@ -746,8 +756,12 @@ class Renewer(threading.Thread):
                 ttl = self.client.renew_lease(held.lease_id, held.duration)
             except SecretInitError as e:
                 self.metrics.renewal(ok=False)
-                if e.exit_code != 69:  # refused: it is gone
-                    self.release(held.lease_id)
+                if e.exit_code != 69:  # refused: renewed no more; "lease not found" (a 400): gone, so not revoked
+                    gone = isinstance(e, RequestRejected)
+                    with self._lock:
+                        if held.lease_id in self._held:
+                            end = self.clock() if gone else held.expires_at
+                            self._held[held.lease_id] = held._replace(next_renewal=FAR, expires_at=end)
                     log.warning("previous lease renewal refused", lease_id=held.lease_id, error=str(e))
                     continue
                 state = after_error(held, self.clock(), self.rng)

@@ -26,7 +26,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from typing import Any
 from urllib.parse import urljoin, urlsplit, urlunsplit
 
@@ -65,6 +65,17 @@ def origin(url: str) -> tuple[str, str, int] | None:
     if not host or scheme not in _DEFAULT_PORTS:
         return None
     return scheme, host, port or _DEFAULT_PORTS[scheme]
+
+
+def never_connected(exc: BaseException) -> bool:
+    """Refused, unreachable or timed out while connecting: the request never left this host."""
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if not isinstance(exc, requests.exceptions.ConnectionError):
+        return False
+    reason = exc.args[0] if exc.args else None
+    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
+    return isinstance(reason, urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError)
 
 
 def safe_url(url: str) -> str:
@@ -264,9 +275,14 @@ class VaultSession(requests.Session):
         """The active address, as configured (scheme://host[:port])."""
         return self.addrs[self.active]
 
-    def advance(self) -> str:
-        """Make the next address active (after the last, the first again); that address."""
-        self.active = (self.active + 1) % len(self.addrs)
+    def advance(self, skip: Collection[int] = ()) -> str:
+        """Make the next address not in `skip` active (after the last, the first again); that address.
+        When every address is in `skip`, simply the next one."""
+        for step in range(1, len(self.addrs) + 1):
+            candidate = (self.active + step) % len(self.addrs)
+            if candidate not in skip or step == len(self.addrs):
+                self.active = candidate
+                break
         return self.current
 
     def prefer(self, url: str) -> bool:
@@ -308,16 +324,24 @@ class VaultSession(requests.Session):
     def _request(self, method: str | bytes, url: str, *args: Any, **kwargs: Any) -> requests.Response:
         seconds = max(self.budget(), 0.001)
         kwargs["timeout"] = seconds  # each connect and recv, below the whole-request deadline
-        kwargs.setdefault("proxies", dict(self.proxies_of.get(self.current, {})))
+        if not kwargs.get("proxies"):  # hvac passes None: the environment's, resolved once per address
+            kwargs["proxies"] = dict(self.proxies_of.get(self.current, {}))
         with Deadline(seconds) as deadline:
             try:
                 response = super().request(method, url, *args, **kwargs)
-            except (requests.exceptions.RequestException, OSError):
-                if deadline.passed:
-                    raise requests.exceptions.ReadTimeout(f"no whole answer within {seconds:g} s") from None
-                raise
+            except (requests.exceptions.RequestException, OSError) as e:
+                if not deadline.passed:
+                    raise
+                request = getattr(e, "request", None)  # names the node that really failed (a redirect's target)
+                if never_connected(e):  # nothing was sent: safe to send anywhere else
+                    raise requests.exceptions.ConnectTimeout(
+                        f"no connection within {seconds:g} s", request=request
+                    ) from None
+                raise requests.exceptions.ReadTimeout(
+                    f"no whole answer within {seconds:g} s", request=request
+                ) from None
         if deadline.passed:  # cut short, the answer may still parse: headers end at EOF, for one
-            raise requests.exceptions.ReadTimeout(f"no whole answer within {seconds:g} s")
+            raise requests.exceptions.ReadTimeout(f"no whole answer within {seconds:g} s", request=response.request)
         return response
 
     def _refuse_foreign_redirect(self, response: requests.Response, *args: Any, **kwargs: Any) -> requests.Response:

@@ -21,7 +21,6 @@ import hvac.exceptions as hvac_errors
 import requests
 import structlog
 import tenacity
-import urllib3.exceptions
 
 from secret_init import client_cert
 from secret_init.client_cert import CertCopy
@@ -30,6 +29,7 @@ from secret_init.errors import (
     ConfigError,
     DataError,
     PermissionRefusedError,
+    RequestRejected,
     SecretInitError,
     SourceError,
     VaultUnavailableError,
@@ -38,7 +38,7 @@ from secret_init.metrics import NO_METRICS, Recorder
 from secret_init.model import CERTIFICATE_PUBLIC, MAX_TIMESTAMP, Lease
 from secret_init.redaction import REDACTOR
 from secret_init.sources.files import read_regular_file
-from secret_init.transport import AnswerTooLarge, RedirectRefused, VaultSession, origin, safe_url
+from secret_init.transport import AnswerTooLarge, RedirectRefused, VaultSession, never_connected, origin, safe_url
 
 log = structlog.get_logger()
 T = TypeVar("T")
@@ -161,24 +161,13 @@ def fails_over(exc: BaseException, idempotent: bool = True, sent: bool = True) -
     nothing reached the server (the connection was never made).
     """
     if not sent:
-        return _never_connected(exc)
+        return never_connected(exc)
     if isinstance(exc, hvac_errors.VaultError):
         status = http_status(exc)
         if status == 500:
             return bool(_NODE_CANNOT_SERVE.search(" ".join(str(e) for e in exc.errors or ())))
         return status in _FAILOVER_STATUS
     return is_transient(exc, idempotent)  # refused, reset, timed out (when it may be sent again)
-
-
-def _never_connected(exc: BaseException) -> bool:
-    """Refused, unreachable or timed out while connecting: the request never left this host."""
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return True
-    if not isinstance(exc, requests.exceptions.ConnectionError):
-        return False
-    reason = exc.args[0] if exc.args else None
-    reason = getattr(reason, "reason", reason)  # urllib3's MaxRetryError wraps the cause
-    return isinstance(reason, urllib3.exceptions.NewConnectionError)
 
 
 def is_transient(exc: BaseException, idempotent: bool = True) -> bool:
@@ -604,21 +593,25 @@ class VaultClient:
             nonlocal attempts
             if not self._leader_asked:
                 self._ask_leader()
-            for left in reversed(range(len(self.cfg.addrs))):
+            tried: set[int] = set()  # this round's addresses: each is tried once, whatever a hint says
+            leader_asked = False
+            while True:
+                if self.session.active in tried:  # a sys/leader hint named one already tried
+                    self.session.advance(skip=tried)
+                tried.add(self.session.active)
                 attempts += 1
                 self.session.cap = cap
                 before = self.session.active
                 try:
                     answer = check(document(send()))
                 except Exception as e:
-                    if left == 0 or not fails_over(e, again, sent=not once):
+                    if len(tried) >= len(self.cfg.addrs) or not fails_over(e, again, sent=not once):
                         raise
-                    self._fail_over(what, e)
+                    leader_asked |= self._fail_over(what, e, tried, ask_leader=not leader_asked)
                     continue
                 if self.session.active != before:
                     log.info("vault active node", addr=self.addr, learned="redirect")
                 return answer
-            raise AssertionError("the last address re-raises")  # pragma: no cover
 
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception(lambda e: is_transient(e, idempotent=again)),
@@ -648,18 +641,23 @@ class VaultClient:
 
     def _failed_at(self, exc: BaseException | None) -> str:
         """The address of the request that failed (the node it went to, or where a redirect led), no userinfo."""
-        request = getattr(exc, "request", None)
-        url = getattr(request, "url", None) or getattr(exc, "url", None)
-        return safe_url(url) if isinstance(url, str) else self.addr
+        url = _url_of(exc)
+        return safe_url(url) if url is not None else self.addr
 
-    def _fail_over(self, what: str, exc: BaseException) -> None:
-        """Move to the next address at once; when the failed node answered, ask the next who leads."""
+    def _fail_over(self, what: str, exc: BaseException, tried: set[int], ask_leader: bool) -> bool:
+        """Move to the next untried address at once; when the failed node answered (alive but not serving:
+        a standby, sealed, mid-election) and `ask_leader`, ask the next who leads. True when it asked."""
+        url = _url_of(exc)
+        if url is not None and self.session.prefer(url):  # a redirect's target failed: move on from it
+            tried.add(self.session.active)
         failed = self._failed_at(exc)
-        self.session.advance()
+        self.session.advance(skip=tried)
         self._metrics.failover()
         log.warning("vault failover", failed=failed, next=self.addr, request=what, error=describe(exc))
-        if isinstance(exc, hvac_errors.VaultError):  # alive but not serving: a standby, sealed, mid-election
+        if ask_leader and isinstance(exc, hvac_errors.VaultError):
             self._ask_leader()
+            return True
+        return False
 
     def _ask_leader(self) -> None:
         """Prefer the active node when sys/leader (unauthenticated) names a configured address.
@@ -701,7 +699,7 @@ class VaultClient:
         if isinstance(exc, hvac_errors.Forbidden | hvac_errors.Unauthorized):
             return PermissionRefusedError(f"vault at {addr}: {what} denied: {reason}")
         if isinstance(exc, hvac_errors.InvalidRequest):
-            cls = PermissionRefusedError if is_login else DataError
+            cls = PermissionRefusedError if is_login else RequestRejected
             return cls(f"vault at {addr}: {what} rejected: {reason}")
         if isinstance(exc, hvac_errors.InvalidPath):
             if is_login:
@@ -722,6 +720,13 @@ def _intercepted_if_refused(secret_id_file: str | None) -> Iterator[None]:
             f"vault secret_id_file {secret_id_file}: the wrapping token is unknown, already used or expired; it may "
             f"have been intercepted: find out who unwrapped it before issuing another ({e})"
         ) from None
+
+
+def _url_of(exc: BaseException | None) -> str | None:
+    """The URL a failed request went to: requests' exceptions carry the request, hvac's the URL."""
+    request = getattr(exc, "request", None)
+    url = getattr(request, "url", None) or getattr(exc, "url", None)
+    return url if isinstance(url, str) else None
 
 
 def without_userinfo(url: str) -> str:
