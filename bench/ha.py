@@ -398,6 +398,7 @@ def run_fault(fault: str, pg: Postgres, args: argparse.Namespace) -> FaultRun:
     state.chmod(0o755)
     watch = RoleWatch(pg)
     with ExitStack() as stack:
+        stack.callback(shutil.rmtree, state, ignore_errors=True)  # runs last, also after a failure
         out = stack.enter_context(mounted_tmpfs("16m"))
         log(f"fault {fault}: starting a 3-node cluster")
         cluster = stack.enter_context(RaftCluster.start(state / "cluster"))
@@ -488,7 +489,6 @@ def run_fault(fault: str, pg: Postgres, args: argparse.Namespace) -> FaultRun:
                     source = state / column.key / name
                     if source.exists():
                         shutil.copy(source, target / f"{column.key}-{name}")
-    shutil.rmtree(state, ignore_errors=True)
     return result
 
 
