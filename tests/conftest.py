@@ -37,7 +37,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -426,8 +426,17 @@ def postgres_bin() -> Path | None:
     return candidates[-1].parent if candidates else None
 
 
-def start_postgres(bin_dir: Path) -> Postgres:
-    """A throwaway cluster on 127.0.0.1, run as the postgres user (initdb refuses root)."""
+def start_postgres(
+    bin_dir: Path,
+    port: int | None = None,
+    listen: str = "127.0.0.1",
+    hba: tuple[str, ...] = (),
+    wrap: Callable[[list[str]], list[str]] = lambda argv: argv,
+) -> Postgres:
+    """A throwaway cluster on `listen` (127.0.0.1), run as the postgres user (initdb refuses root).
+
+    `hba`: more pg_hba.conf lines; `wrap`: how the server's start command runs (in a network namespace, say).
+    """
     base = Path(tempfile.mkdtemp(prefix="si-pg-", dir="/tmp"))
     shutil.chown(base, "postgres")
     password = register_secret(secrets.token_hex(16), "postgres password")
@@ -440,11 +449,14 @@ def start_postgres(bin_dir: Path) -> Postgres:
          "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"],
         check=True, capture_output=True,
     )  # fmt: skip
-    port = free_port()
-    options = f"-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={base} -c fsync=off"
+    if hba:
+        with (base / "data" / "pg_hba.conf").open("a") as conf:
+            conf.writelines(f"{line}\n" for line in hba)
+    port = port or free_port()
+    options = f"-p {port} -c listen_addresses={listen} -c unix_socket_directories={base} -c fsync=off"
     subprocess.run(
-        [*as_pg, str(bin_dir / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "log"), "-w", "-o", options,
-         "start"],
+        wrap([*as_pg, str(bin_dir / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "log"), "-w", "-o",
+              options, "start"]),
         check=True, capture_output=True,
     )  # fmt: skip
     return Postgres(port, password, bin_dir, base)

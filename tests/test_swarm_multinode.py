@@ -25,10 +25,8 @@ What is deployed, and what the test adds:
 """
 
 import json
-import secrets
 import shutil
 import subprocess
-import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Iterator
@@ -56,6 +54,7 @@ from tests.conftest import (
     record_output,
     register_secret,
     start_bao,
+    start_postgres,
     stop_bao,
     stop_postgres,
     wait_ready,
@@ -346,27 +345,13 @@ def vault_certificate(directory: Path, addr: str) -> tuple[Path, Path, Path]:
 def start_postgres_in(hub: Namespace, bin_dir: Path, network: str) -> Postgres:
     """conftest.start_postgres, inside the hub: on its loopback (for OpenBao next to it) and on its private
     address (for the apps on the nodes, which pg_hba lets in with a password from `network` only)."""
-    base = Path(tempfile.mkdtemp(prefix="si-pg-", dir="/tmp"))
-    shutil.chown(base, "postgres")
-    password = register_secret(secrets.token_hex(16), "postgres password")
-    pwfile = base / "pw"
-    pwfile.write_text(password)
-    shutil.chown(pwfile, "postgres")
-    as_pg = ["runuser", "-u", "postgres", "--"]
-    subprocess.run(
-        [*as_pg, str(bin_dir / "initdb"), "-D", str(base / "data"), "-U", "postgres", f"--pwfile={pwfile}",
-         "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync"],
-        check=True, capture_output=True,
-    )  # fmt: skip
-    with (base / "data" / "pg_hba.conf").open("a") as hba:
-        hba.write(f"host all all {network} scram-sha-256\n")
-    options = f"-p {PG_PORT} -c listen_addresses=127.0.0.1,{hub.addr} -c unix_socket_directories={base} -c fsync=off"
-    subprocess.run(
-        hub.argv(*as_pg, str(bin_dir / "pg_ctl"), "-D", str(base / "data"), "-l", str(base / "log"), "-w",
-                 "-o", options, "start"),
-        check=True, capture_output=True,
-    )  # fmt: skip
-    return Postgres(PG_PORT, password, bin_dir, base)
+    return start_postgres(
+        bin_dir,
+        port=PG_PORT,
+        listen=f"127.0.0.1,{hub.addr}",
+        hba=(f"host all all {network} scram-sha-256",),
+        wrap=lambda argv: hub.argv(*argv),
+    )
 
 
 def start_vault(stack: ExitStack, hub: NetnsThread, state: Path, tls: tuple[Path, Path, Path]) -> Bao:
