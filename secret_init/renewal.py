@@ -269,6 +269,13 @@ def after_expiry(lease: LeaseState, now: float) -> LeaseState:
     return lease._replace(expired=True, rotating=True, retry_at=now)
 
 
+def retry_now(lease: LeaseState, now: float, rng: random.Random) -> LeaseState:
+    """Vault answered another request: a rotation waiting out a backoff is tried again about now."""
+    if not lease.rotating or lease.retry_at == FAR or lease.retry_at <= now + SOON:
+        return lease
+    return lease._replace(retry_at=now + _soon(rng) / 4)
+
+
 def held_renewal(lease: LeaseState, now: float) -> bool:
     """A held lease (the app may still use it) is due for renewal."""
     return lease.renewable and lease.next_renewal <= now < lease.expires_at
@@ -581,6 +588,7 @@ class Renewer(threading.Thread):
             self._renewal_failed(lease, e)
             return
         self.metrics.renewal(ok=True)
+        self._vault_answered()
 
         def probed_state(state: LeaseState) -> tuple[LeaseState, LeaseState]:
             probed = after_probe(state, sent, max_remaining, ttl, self.rng)
@@ -604,6 +612,7 @@ class Renewer(threading.Thread):
             self._renewal_failed(lease, e)
             return
         self.metrics.renewal(ok=True)
+        self._vault_answered()
         now = self.clock()
         if self._update(lease, lambda s: (after_renewal(s, now, ttl, self.rng), True)):
             log.info("lease renewed", lease_id=lease.lease_id, ttl=ttl)
@@ -630,6 +639,14 @@ class Renewer(threading.Thread):
         elif self._update(lease, after_refusal):  # a lease rotated away meanwhile is left alone
             log.warning("lease renewal refused; rotating", lease_id=lease.lease_id, error=str(error))
             self.post(Rotate(lease.path, lease.lease_id, "renewal refused"))
+
+    def _vault_answered(self) -> None:
+        """A renewal went through: Vault serves again, so rotations backing off (after an outage, or `keep`
+        past its grace, up to 30 s) are tried again at once rather than at their backoff's end."""
+        now = self.clock()
+        with self._lock:
+            for path, lease in self._leases.items():
+                self._leases[path] = retry_now(lease, now, self.rng)
 
     def _update(self, seen: LeaseState, change: Callable[[LeaseState], tuple[LeaseState, R]]) -> R | None:
         """Apply `change` to the current state of the lease `seen` was a snapshot of; its result.
@@ -670,6 +687,7 @@ class Renewer(threading.Thread):
                 ttl = self.client.renew_token(self.token.ttl)
                 self.token = token_renewed(self.token, self.clock(), ttl, self.rng)
                 self.metrics.renewal(ok=True)
+                self._vault_answered()
                 log.info("token renewed", ttl=ttl)
         except SecretInitError as e:
             if action == "renew":

@@ -740,3 +740,19 @@ def test_revoke_on_exit_false_leaves_the_token_and_the_current_lease_but_revokes
     scene.loop.finish()
     assert [arg for _, arg in scene.vault.called("revoke")] == ["lease-1"], "the old one goes, lease-2 stays"
     assert not scene.vault.called("revoke_token")
+
+
+def test_a_rotation_backing_off_is_retried_at_once_when_vault_answers_a_renewal(tmp_path: Path) -> None:
+    """on_expiry = "keep" past its grace backs off up to 30 s; but each successful token renewal (Vault serves
+    again; here the database is what fails) pulls the next retry in (it waited 22 s with Vault back, before)."""
+    scene = Scene(tmp_path, extra='on_expiry = "keep"\nexpiry_grace = "5s"', token=TokenInfo(6.0, True, 10_000.0))
+    scene.vault.probes = [VaultUnavailableError("down")] * 1000
+    scene.vault.reads = [VaultUnavailableError("database down")] * 1000
+    renewer = scene.begin()
+    scene.run(120.0)
+    reads, renewals = scene.vault.times("read"), scene.vault.times("renew_token")
+    after = [(a, b) for a, b in itertools.pairwise(reads) if a >= 20.0]
+    assert renewer.snapshot()[DB].gave_up and renewals and after
+    for a, b in after:  # the next read comes within about a second of the first token renewal after `a`
+        renewal = next((r for r in renewals if r > a), None)
+        assert renewal is None or b <= renewal + 1.0, (a, b, renewal)
