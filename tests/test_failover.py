@@ -165,6 +165,10 @@ class Kv(NamedTuple):
 
 @pytest.fixture
 def kv(bao: Bao) -> Kv:
+    return kv_secret(bao)
+
+
+def kv_secret(bao: Bao) -> Kv:
     """A fresh KV v2 secret the app-read policy may read."""
     key = secrets.token_hex(6)
     value = random_secret("kv")
@@ -181,6 +185,9 @@ class Result(NamedTuple):
 
     def logged(self, name: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["event"] == name]
+
+    def failovers(self) -> list[tuple[str, str]]:
+        return [(e["failed"], e["next"]) for e in self.logged("vault failover")]
 
     def error(self) -> str:
         """The run's one error line."""
@@ -205,25 +212,30 @@ def render(
     auth: str = "approle",
     startup: str = "5s",
     request: str = "2s",
+    env: dict[str, str] | None = None,
 ) -> Result:
-    """`secret-init render` of vault:<kv>#k from `addrs`, as a real process; credentials searched in its output."""
+    """`secret-init render` of vault:<kv>#k from `addrs`, as a real process; credentials searched in its output.
+    The value must land in `out` when the run succeeds. `env`: more variables for it (a proxy, say)."""
     if auth == "approle":
         role_file, secret_file, secret_id = bao.approle_credentials("app", workdir)
         auth_toml = f'auth = "approle"\nrole_id_file = "{role_file}"\nsecret_id_file = "{secret_file}"\n'
         credentials: tuple[str, ...] = (role_file.read_text(), secret_id)
-        env = base_env()
+        environ = base_env(**(env or {}))
     else:
         token = register_secret(bao.client.auth.token.create(policies=["app-read"], ttl="60s")["auth"]["client_token"])
-        auth_toml, credentials, env = 'auth = "token"\n', (token,), base_env(VAULT_TOKEN=token)
+        auth_toml, credentials = 'auth = "token"\n', (token,)
+        environ = base_env(VAULT_TOKEN=token, **(env or {}))
     cfg = write_config(
         workdir,
         f'[output]\ndir = "{out}"\nuser = "65534:65534"\n'
         f'[vault]\naddr = {toml_list(addrs)}\n{auth_toml}startup_timeout = "{startup}"\nrequest_timeout = "{request}"\n'
         f'[[secret]]\nname = "k"\nsource = "vault:{kv.path}#k"\n',
     )
-    result = run_cli("render", "--config", str(cfg), env=env)
+    result = run_cli("render", "--config", str(cfg), env=environ)
     assert_no_leak(result.stdout + result.stderr, kv.value, *credentials)
     assert "Traceback" not in result.stderr
+    if result.returncode == 0:
+        assert (out / "k").read_text() == kv.value
     return Result(result.returncode, result.stderr, log_events(result.stderr), out, credentials)
 
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator
 from http.client import HTTPConnection
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import pytest
@@ -43,7 +43,6 @@ from tests.conftest import (
     QuietHandler,
     assert_no_leak,
     base_env,
-    log_events,
     needs_root,
     random_secret,
     register_secret,
@@ -62,11 +61,12 @@ from tests.test_failover import (
     StandIn,
     config_error,
     errors,
+    kv_secret,
     leader,
     logins_since,
     redirect,
     refused_addr,
-    toml_list,
+    render,
 )
 from tests.test_schedule import DB, Clock, FakeVault, Scene, drive, new_renewer
 
@@ -184,68 +184,6 @@ def blackhole() -> Iterator[str]:
 # -- a `secret-init render` against a list of addresses -----------------------------------------
 
 
-class Kv(NamedTuple):
-    path: str
-    value: str
-
-
-def kv_secret(bao: Bao) -> Kv:
-    """A fresh KV v2 secret the app-read policy may read."""
-    key = secrets.token_hex(6)
-    value = random_secret("kv")
-    bao.client.secrets.kv.v2.create_or_update_secret(path=f"app/{key}", secret={"k": value})
-    return Kv(f"secret/data/app/{key}", value)
-
-
-class Run(NamedTuple):
-    code: int
-    stderr: str
-    events: list[dict[str, Any]]
-
-    def logged(self, name: str) -> list[dict[str, Any]]:
-        return [e for e in self.events if e["event"] == name]
-
-    def failovers(self) -> list[tuple[str, str]]:
-        return [(e["failed"], e["next"]) for e in self.logged("vault failover")]
-
-
-def render(
-    bao: Bao,
-    kv: Kv,
-    workdir: Path,
-    out: Path,
-    addrs: list[str],
-    auth: str = "token",
-    env: dict[str, str] | None = None,
-    startup: str = "5s",
-    request: str = "1s",
-) -> Run:
-    """`secret-init render` of vault:<kv>#k from `addrs`, as a real process; every credential it used is
-    searched for in its output. The value must land in `out` when the run succeeds."""
-    if auth == "approle":
-        role_file, secret_file, secret_id = bao.approle_credentials("app", workdir)
-        auth_toml = f'auth = "approle"\nrole_id_file = "{role_file}"\nsecret_id_file = "{secret_file}"\n'
-        credentials: tuple[str, ...] = (role_file.read_text(), secret_id)
-        environ = base_env(**(env or {}))
-    else:
-        token = register_secret(bao.client.auth.token.create(policies=["app-read"], ttl="60s")["auth"]["client_token"])
-        auth_toml, credentials = 'auth = "token"\n', (token,)
-        environ = base_env(VAULT_TOKEN=token, **(env or {}))
-    cfg = write_config(
-        workdir,
-        f'[output]\ndir = "{out}"\nuser = "65534:65534"\n'
-        f'[vault]\naddr = {toml_list(addrs)}\n{auth_toml}startup_timeout = "{startup}"\nrequest_timeout = "{request}"\n'
-        f'[[secret]]\nname = "k"\nsource = "vault:{kv.path}#k"\n',
-    )
-    result = run_cli("render", "--config", str(cfg), env=environ)
-    assert_no_leak(result.stdout + result.stderr, kv.value, *credentials)
-    assert "Traceback" not in result.stderr
-    run = Run(result.returncode, result.stderr, log_events(result.stderr))
-    if run.code == 0:
-        assert (out / "k").read_text() == kv.value
-    return run
-
-
 # -- 1. HTTP_PROXY and NO_PROXY ---------------------------------------------------------------------
 
 
@@ -266,7 +204,7 @@ def test_http_proxy_is_used_for_an_address_and_no_proxy_spares_another(
     refused = refused_addr()
     proxy = forwarder(bao.addr, serves="vault.invalid:8200")
     run = render(
-        bao, kv, workdir, tmpfs / "out", [refused, invalid], auth="approle",
+        bao, kv, workdir, tmpfs / "out", [refused, invalid], auth="approle", request="1s",
         env={"HTTP_PROXY": proxy.addr, "NO_PROXY": "127.0.0.1"},
     )  # fmt: skip
     assert run.code == 0, run.stderr
@@ -292,7 +230,7 @@ def test_a_login_fails_over_from_a_node_that_never_completes_the_connection(
     read timeout (a login that may have been served is not resent) and the run ended 69."""
     kv = kv_secret(bao)
     before = len(bao.audit_entries())
-    run = render(bao, kv, workdir, tmpfs / "out", [blackhole, bao.addr], auth="approle")
+    run = render(bao, kv, workdir, tmpfs / "out", [blackhole, bao.addr], auth="approle", request="1s")
     assert run.code == 0, run.stderr
     failovers = run.logged("vault failover")
     assert run.failovers() == [(blackhole, bao.addr)], run.stderr
@@ -454,7 +392,7 @@ def test_a_redirect_target_that_hangs_is_named_and_left_for_the_next_address(
     kv = kv_secret(bao)
     b = stand_in(lambda seen: HANG)
     a = stand_in(lambda seen: SEALED if seen.kind == LEADER else redirect(b.addr)(seen))
-    run = render(bao, kv, workdir, tmpfs / "out", [a.addr, b.addr, bao.addr])
+    run = render(bao, kv, workdir, tmpfs / "out", [a.addr, b.addr, bao.addr], auth="token", request="1s")
     assert run.code == 0, run.stderr
     assert run.failovers() == [(b.addr, bao.addr)], run.stderr
     failover = run.logged("vault failover")[0]
@@ -480,7 +418,7 @@ def test_a_stale_leader_hint_does_not_keep_the_round_from_the_healthy_node(
     a = refused_addr()
     b = stand_in(lambda seen: SEALED)
     c = forwarder(bao.addr, lie=lambda seen: leader(a) if seen.kind == LEADER else None)
-    run = render(bao, kv, workdir, tmpfs / "out", [a, b.addr, c.addr], startup="3s")
+    run = render(bao, kv, workdir, tmpfs / "out", [a, b.addr, c.addr], auth="token", startup="3s", request="1s")
     assert run.code == 0, run.stderr
     assert run.failovers() == [(a, b.addr), (b.addr, c.addr)], run.stderr
     read = f"GET /v1/{kv.path}"
