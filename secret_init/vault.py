@@ -624,6 +624,7 @@ class VaultClient:
                 request=what,
                 attempt=state.attempt_number,
                 error=_outcome_error(state),
+                retry_in=round(state.next_action.sleep, 2) if state.next_action else None,
             ),
             reraise=True,
         )
