@@ -270,8 +270,10 @@ def after_expiry(lease: LeaseState, now: float) -> LeaseState:
 
 
 def retry_now(lease: LeaseState, now: float, rng: random.Random) -> LeaseState:
-    """Vault answered another request: a rotation waiting out a backoff is tried again about now."""
-    if not lease.rotating or lease.retry_at == FAR or lease.retry_at <= now + SOON:
+    """Vault answered another request: an expired lease's rotation waiting out a backoff (`keep` past its
+    grace) is tried again about now. Only an expired one: a rotation that fails for another reason (files
+    that cannot be written) keeps its backoff, since each try issues new credentials."""
+    if not (lease.expired and lease.rotating) or lease.retry_at == FAR or lease.retry_at <= now + SOON:
         return lease
     return lease._replace(retry_at=now + _soon(rng) / 4)
 
@@ -641,8 +643,8 @@ class Renewer(threading.Thread):
             self.post(Rotate(lease.path, lease.lease_id, "renewal refused"))
 
     def _vault_answered(self) -> None:
-        """A renewal went through: Vault serves again, so rotations backing off (after an outage, or `keep`
-        past its grace, up to 30 s) are tried again at once rather than at their backoff's end."""
+        """A renewal went through: Vault serves again, so expired leases' rotations backing off (`keep` past its
+        grace, up to 30 s) are tried again at once rather than at their backoff's end."""
         now = self.clock()
         with self._lock:
             for path, lease in self._leases.items():

@@ -756,3 +756,17 @@ def test_a_rotation_backing_off_is_retried_at_once_when_vault_answers_a_renewal(
     for a, b in after:  # the next read comes within about a second of the first token renewal after `a`
         renewal = next((r for r in renewals if r > a), None)
         assert renewal is None or b <= renewal + 1.0, (a, b, renewal)
+
+
+def test_a_rotation_failing_before_expiry_keeps_its_backoff_while_vault_answers(tmp_path: Path) -> None:
+    """Only an expired lease's rotation is pulled in by a successful renewal: one failing for another reason
+    (here every re-read; in life, files that cannot be written) keeps backing off, since each try issues
+    new credentials."""
+    scene = Scene(tmp_path, token=TokenInfo(6.0, True, 10_000.0))
+    scene.vault.probes = [(60.0, 60.0)]  # deadline PROBE_AT + 59: rotation due at about 39, expiry at about 64
+    scene.vault.reads = [VaultUnavailableError("down")] * 1000
+    scene.begin()
+    scene.run(60.0)
+    reads = scene.vault.times("read")
+    assert reads and reads[0] > 30.0 and len(scene.vault.times("renew_token")) >= 5
+    assert max(b - a for a, b in itertools.pairwise(reads)) > 6.0, f"pulled in at every token renewal: {reads}"
