@@ -297,7 +297,8 @@ class Supervised:
         if not revocable:
             return
         if restarted:  # the old app is gone: nothing uses the old credentials
-            self._revoke(old_lease_id, previous.expires_at if previous is not None else None)
+            known = previous is not None and previous.lease_id == old_lease_id
+            self._revoke(old_lease_id, previous.expires_at if previous is not None and known else None)
             return
         # Signalled, or a sidecar's app: it has stop_timeout to switch, and the old lease is renewed meanwhile.
         if previous is not None and previous.lease_id == old_lease_id:
