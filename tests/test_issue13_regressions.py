@@ -38,6 +38,7 @@ from secret_init.errors import PermissionRefusedError, SecretInitError, VaultUna
 from secret_init.model import Lease
 from secret_init.renewal import FAR, TokenState, token_failed
 from secret_init.vault import RetiredToken, TokenInfo, VaultClient
+from tests import test_failover
 from tests.conftest import (
     Bao,
     QuietHandler,
@@ -71,6 +72,7 @@ from tests.test_failover import (
 from tests.test_schedule import DB, Clock, FakeVault, Scene, drive, new_renewer
 
 SEALED = errors(503, "Vault is sealed")
+stand_in = test_failover.stand_in  # test_failover's fixture: pytest finds it in this module's namespace
 
 
 # -- labelled stand-ins ------------------------------------------------------------------------
@@ -128,19 +130,6 @@ class Forwarder:
 
     def kinds(self) -> list[str]:
         return [s.kind for s in self.seen]
-
-
-@pytest.fixture
-def stand_in() -> Iterator[Callable[[Respond], StandIn]]:
-    made: list[StandIn] = []
-
-    def make(respond: Respond) -> StandIn:
-        made.append(StandIn(respond))
-        return made[-1]
-
-    yield make
-    for server in made:
-        server.close()
 
 
 @pytest.fixture
